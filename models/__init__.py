@@ -1,0 +1,1 @@
+"""Training pipelines, the model importer and the feature-store seeder for Tiffin."""

@@ -1,0 +1,1 @@
+"""One BentoML service per model family. Each declares its packaged model at class scope."""

@@ -1,0 +1,13 @@
+"""scikit-learn optimal bid CPM (seed 000 /predict/bid)."""
+
+from __future__ import annotations
+
+import bentoml
+from bentoml.models import BentoModel
+
+from tiffin.runner_base import TabularRunner
+
+
+@bentoml.service(name="bid_optimization_runner", workers=1)
+class BidRunner(TabularRunner):
+    model = BentoModel("bid_optimization:1.0.0")

@@ -1,0 +1,13 @@
+"""LightGBM click-through rate (seed 000 /predict/ctr)."""
+
+from __future__ import annotations
+
+import bentoml
+from bentoml.models import BentoModel
+
+from tiffin.runner_base import TabularRunner
+
+
+@bentoml.service(name="ctr_prediction_runner", workers=1)
+class CtrRunner(TabularRunner):
+    model = BentoModel("ctr_prediction:1.0.0")

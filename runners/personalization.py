@@ -1,0 +1,13 @@
+"""scikit-learn MLP relevance, conversion and engagement (seed 001)."""
+
+from __future__ import annotations
+
+import bentoml
+from bentoml.models import BentoModel
+
+from tiffin.runner_base import TabularRunner
+
+
+@bentoml.service(name="personalization_runner", workers=1)
+class PersonalizationRunner(TabularRunner):
+    model = BentoModel("personalization:v1.0")

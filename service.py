@@ -1,0 +1,137 @@
+"""Tiffin's entry service: composes the runners and routes the seeds' endpoints.
+
+Handlers are one line each: the request body is validated by its schema (`tiffin.schemas`), the
+work happens in `tiffin.scoring`, and errors carry their own status (`tiffin.errors`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import bentoml
+from pydantic import Field
+
+from runners.ad_fraud import AdFraudRunner
+from runners.bid import BidRunner
+from runners.card_fraud import CardFraudRunner
+from runners.ctr import CtrRunner
+from runners.generic import GenericRunner
+from runners.personalization import PersonalizationRunner
+from tiffin import ops, schemas
+from tiffin.feature_store import EmbeddedFeatureStore, open_store
+from tiffin.http_errors import ClientErrorMiddleware
+from tiffin.runner_client import RunnerClient
+from tiffin.scoring import Scoring
+from tiffin.settings import feature_store_settings, model_settings, server_settings
+from tiffin.topology import serve_runners_in_process
+
+SERVER = server_settings()
+logging.getLogger("tiffin").setLevel(SERVER.log_level)
+
+
+def _fill_embedded(store: EmbeddedFeatureStore) -> None:
+    from models.seed_features import snapshot
+
+    for table in snapshot(feature_store_settings().embedded_entities):
+        store.write_sync(table.kind, table.ids, table.records, table.written_at)
+
+
+@bentoml.asgi_app(ops.app, path="/")
+@bentoml.service(
+    name="tiffin",
+    workers=SERVER.workers,
+    traffic={"timeout": 30, "max_concurrency": 512},
+    http={"port": SERVER.port},
+)
+class Tiffin:
+    card_fraud = bentoml.depends(CardFraudRunner)
+    personalization = bentoml.depends(PersonalizationRunner)
+    ad_fraud = bentoml.depends(AdFraudRunner)
+    ctr = bentoml.depends(CtrRunner)
+    bid = bentoml.depends(BidRunner)
+    generic = bentoml.depends(GenericRunner)
+
+    def __init__(self) -> None:
+        store = open_store(feature_store_settings())
+        if isinstance(store, EmbeddedFeatureStore):
+            _fill_embedded(store)
+        runners = {
+            "card_fraud": RunnerClient(self.card_fraud),
+            "personalization": RunnerClient(self.personalization),
+            "fraud_detection": RunnerClient(self.ad_fraud),
+            "ctr_prediction": RunnerClient(self.ctr),
+            "bid_optimization": RunnerClient(self.bid),
+        }
+        self.scoring = Scoring(runners, self.generic.pool, store, model_settings().v1_model)
+        ops.state.store = store
+        ops.state.loaded_versions = lambda: {
+            **{name: client.describe() for name, client in runners.items()},
+            **self.generic.versions(),
+        }
+
+    # --- seed 000 -----------------------------------------------------------------------------
+
+    @bentoml.api(route="/predict/fraud", input_spec=schemas.AdFraudRequest)
+    async def predict_fraud(self, **fields: Any) -> schemas.AdFraudResponse:
+        return await self.scoring.ad_fraud(schemas.AdFraudRequest.model_construct(**fields))
+
+    @bentoml.api(route="/predict/ctr", input_spec=schemas.CtrRequest)
+    async def predict_ctr(self, **fields: Any) -> schemas.CtrResponse:
+        return await self.scoring.ctr(schemas.CtrRequest.model_construct(**fields))
+
+    @bentoml.api(route="/predict/bid", input_spec=schemas.BidRequest)
+    async def predict_bid(self, **fields: Any) -> schemas.BidResponse:
+        return await self.scoring.bid(schemas.BidRequest.model_construct(**fields))
+
+    # --- seed 001 -----------------------------------------------------------------------------
+
+    @bentoml.api(route="/score/fraud", input_spec=schemas.CardFraudRequest)
+    async def score_fraud(self, **fields: Any) -> schemas.CardFraudResponse:
+        return await self.scoring.card_fraud(schemas.CardFraudRequest.model_construct(**fields))
+
+    @bentoml.api(route="/score/personalization", input_spec=schemas.PersonalizationRequest)
+    async def score_personalization(self, **fields: Any) -> schemas.PersonalizationResponse:
+        request = schemas.PersonalizationRequest.model_construct(**fields)
+        return await self.scoring.personalization(request)
+
+    @bentoml.api(route="/score/batch")
+    async def score_batch(
+        self,
+        model_type: schemas.BatchModelType,
+        requests: list[dict[str, Any]] = Field(min_length=1, max_length=schemas.MAX_ROWS),
+        batch_id: str | None = None,
+    ) -> schemas.BatchResponse:
+        return await self.scoring.batch(model_type, requests, batch_id)
+
+    # --- seed 003 -----------------------------------------------------------------------------
+
+    @bentoml.api(route="/predict", input_spec=schemas.GenericPredictRequest)
+    async def predict(self, **fields: Any) -> schemas.GenericPredictResponse:
+        request = schemas.GenericPredictRequest.model_construct(**fields)
+        return await self.scoring.generic_predict(request)
+
+    @bentoml.api(route="/predict/batch")
+    async def predict_batch(
+        self,
+        requests: list[schemas.GenericPredictRequest] = Field(
+            min_length=1, max_length=schemas.MAX_ROWS
+        ),
+        batch_size: int = Field(10, ge=1, le=schemas.MAX_ROWS),
+    ) -> list[schemas.GenericPredictResponse]:
+        return [await self.scoring.generic_predict(r) for r in requests]
+
+    # --- seed 004 -----------------------------------------------------------------------------
+
+    @bentoml.api(route="/v1/models/predict")
+    async def v1_predict(
+        self,
+        instances: list[list[float]] = Field(min_length=1, max_length=schemas.MAX_ROWS),
+        version: str | None = None,
+    ) -> dict[str, Any]:
+        return await self.scoring.v1_predict(instances, version)
+
+
+Tiffin.add_asgi_middleware(ClientErrorMiddleware)
+if SERVER.runner_topology == "in-process":
+    serve_runners_in_process(Tiffin)

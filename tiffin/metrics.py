@@ -1,0 +1,60 @@
+"""Prometheus metrics with the seeds' names, every one labelled by model name and version.
+
+Created lazily: BentoML sets PROMETHEUS_MULTIPROC_DIR in each worker after importing the service
+module, and a metric created before that would be invisible on the shared `/metrics`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+SCORE_BUCKETS = tuple(round(i / 20, 2) for i in range(1, 21))
+
+
+@dataclass(frozen=True)
+class Metrics:
+    requests: Counter
+    duration: Histogram
+    errors: Counter
+    load_time: Gauge
+    active_models: Gauge
+    feature_fetch: Histogram
+    scores: Histogram
+
+
+@lru_cache
+def metrics() -> Metrics:
+    return Metrics(
+        requests=Counter(
+            "ml_inference_requests_total", "Inference requests by model, version and status",
+            ["model", "version", "status"],
+        ),
+        duration=Histogram(
+            "ml_inference_duration_seconds", "Inference latency (features + model + encoding)",
+            ["model", "version"], buckets=LATENCY_BUCKETS,
+        ),
+        errors=Counter(
+            "ml_inference_errors_total", "Inference errors by model, version and type",
+            ["model", "version", "type"],
+        ),
+        load_time=Gauge(
+            "ml_model_load_time_seconds", "Time to load and warm up a model version",
+            ["model", "version"], multiprocess_mode="livemax",
+        ),
+        active_models=Gauge(
+            "ml_active_models", "1 for every model version loaded and serving",
+            ["model", "version"], multiprocess_mode="livemax",
+        ),
+        feature_fetch=Histogram(
+            "feature_fetch_duration_seconds", "Feature store lookup latency per request",
+            ["model", "version", "backend"], buckets=LATENCY_BUCKETS,
+        ),
+        scores=Histogram(
+            "prediction_scores", "Distribution of predicted scores",
+            ["model", "version"], buckets=SCORE_BUCKETS,
+        ),
+    )

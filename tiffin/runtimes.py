@@ -1,0 +1,198 @@
+"""Inference runtimes: one small class per framework, each with `load()` and `predict()`.
+
+`predict` always returns float32 scores in one shape per task, whatever the engine:
+binary -> (n,) probability of the positive class; multiclass -> (n, k) probabilities;
+regression -> (n,); multi_output -> (n, m).
+
+Serving uses ONNX Runtime whenever the version carries `model.onnx` (a single-row tree prediction
+costs ~15 us there against ~300 us in XGBoost's Python API; figures in docs/benchmarks.md). The
+native boosters are kept for what ONNX cannot do: per-prediction feature contributions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from tiffin.errors import ModelLoadError
+from tiffin.model_store import ARTIFACT_FILES, ModelCard, sha256_bytes
+
+
+class Predictor(Protocol):
+    def predict(self, features: np.ndarray) -> np.ndarray: ...
+
+
+class Explainer(Protocol):
+    def contributions(self, features: np.ndarray) -> np.ndarray:
+        """(n, n_features) additive contributions to the raw margin (bias column dropped)."""
+        ...
+
+
+def _as_task_output(raw: np.ndarray, task: str, n_rows: int) -> np.ndarray:
+    raw = np.asarray(raw, dtype=np.float32)
+    if task == "binary":
+        return raw[:, 1] if raw.ndim == 2 and raw.shape[1] == 2 else raw.reshape(-1)
+    if task == "regression":
+        return raw.reshape(-1)
+    # skl2onnx flattens multi-output regressors to (n * m, 1); rows are what we know for sure.
+    return raw.reshape(n_rows, -1)
+
+
+class OnnxPredictor:
+    """ONNX Runtime with one intra-op thread: a request is tiny, and workers are the parallelism."""
+
+    def __init__(self, task: str) -> None:
+        self.task = task
+        self._session: object | None = None
+
+    def load(self, path: Path) -> OnnxPredictor:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        try:
+            session = ort.InferenceSession(
+                str(path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises several unrelated types
+            raise ModelLoadError(f"model.onnx cannot be loaded: {exc}") from exc
+        self._session = session
+        self._input = session.get_inputs()[0].name
+        outputs = [o.name for o in session.get_outputs()]
+        wants_probabilities = self.task in ("binary", "multiclass")
+        prob_outputs = [o for o in outputs if "prob" in o.lower()]
+        self._output = (
+            prob_outputs[0] if wants_probabilities and prob_outputs else outputs[-1 if wants_probabilities else 0]
+        )
+        shape = session.get_inputs()[0].shape
+        self.n_features = shape[1] if len(shape) == 2 and isinstance(shape[1], int) else None
+        return self
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        raw = self._session.run([self._output], {self._input: features})[0]  # type: ignore[attr-defined]
+        if isinstance(raw, list):  # a ZipMap output: list of {class: probability}
+            raw = np.asarray([[row[k] for k in sorted(row)] for row in raw], dtype=np.float32)
+        return _as_task_output(raw, self.task, features.shape[0])
+
+
+class XGBoostPredictor:
+    """Native XGBoost: explanations, and serving for user models without an ONNX artifact."""
+
+    def __init__(self, task: str) -> None:
+        self.task = task
+
+    def load(self, path: Path) -> XGBoostPredictor:
+        import xgboost as xgb
+
+        try:
+            booster = xgb.Booster()
+            booster.load_model(str(path))
+        except Exception as exc:
+            raise ModelLoadError(f"{path.name} is not a loadable XGBoost model: {exc}") from exc
+        booster.set_param({"nthread": 1})
+        self.booster = booster
+        self.n_features = booster.num_features()
+        return self
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return _as_task_output(
+            self.booster.inplace_predict(features), self.task, features.shape[0]
+        )
+
+    def contributions(self, features: np.ndarray) -> np.ndarray:
+        import xgboost as xgb
+
+        contribs = self.booster.predict(xgb.DMatrix(features, nthread=1), pred_contribs=True)
+        return np.asarray(contribs)[:, :-1]
+
+
+class LightGBMPredictor:
+    """Native LightGBM: explanations, and serving for user models without an ONNX artifact."""
+
+    def __init__(self, task: str) -> None:
+        self.task = task
+
+    def load(self, path: Path) -> LightGBMPredictor:
+        import lightgbm as lgb
+
+        try:
+            self.booster = lgb.Booster(model_file=str(path))
+        except Exception as exc:
+            raise ModelLoadError(f"{path.name} is not a loadable LightGBM model: {exc}") from exc
+        self.n_features = self.booster.num_feature()
+        return self
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return _as_task_output(
+            self.booster.predict(features, num_threads=1), self.task, features.shape[0]
+        )
+
+    def contributions(self, features: np.ndarray) -> np.ndarray:
+        contribs = self.booster.predict(features, pred_contrib=True, num_threads=1)
+        return np.asarray(contribs)[:, :-1]
+
+
+_NATIVE = {"xgboost": XGBoostPredictor, "lightgbm": LightGBMPredictor}
+
+
+@dataclass
+class LoadedModel:
+    """One model version ready to serve."""
+
+    name: str
+    version: str
+    card: ModelCard
+    predictor: Predictor
+    explainer: Explainer | None
+
+    @property
+    def n_features(self) -> int:
+        return len(self.card.feature_names)
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return self.predictor.predict(features)
+
+
+def verify_checksums(directory: Path, card: ModelCard) -> None:
+    for fname, expected in card.checksums.items():
+        path = directory / fname
+        if not path.exists():
+            raise ModelLoadError(f"artifact {fname} is missing")
+        if sha256_bytes(path.read_bytes()) != expected:
+            raise ModelLoadError(f"artifact {fname} does not match its recorded checksum")
+
+
+def load_artifacts(name: str, version: str, directory: Path, card: ModelCard) -> LoadedModel:
+    """Load a version's artifacts, check them against its card, and warm it up once."""
+    verify_checksums(directory, card)
+    native: XGBoostPredictor | LightGBMPredictor | None = None
+    for framework, cls in _NATIVE.items():
+        path = directory / ARTIFACT_FILES[framework]
+        if path.exists():
+            native = cls(card.task).load(path)
+    onnx_path = directory / ARTIFACT_FILES["onnx"]
+    predictor: Predictor
+    if onnx_path.exists():
+        predictor = OnnxPredictor(card.task).load(onnx_path)
+    elif native is not None:
+        predictor = native
+    else:
+        raise ModelLoadError(f"{name}:{version} has no model.onnx, model.json or model.txt")
+    declared = len(card.feature_names)
+    for engine in (predictor, native):
+        found = getattr(engine, "n_features", None)
+        if found is not None and found != declared:
+            raise ModelLoadError(
+                f"{name}:{version} expects {found} features but its metadata names {declared}"
+            )
+    model = LoadedModel(name, version, card, predictor, native)
+    try:
+        model.predict(np.zeros((1, declared), dtype=np.float32))
+    except Exception as exc:
+        raise ModelLoadError(f"{name}:{version} failed its warm-up prediction: {exc}") from exc
+    return model
