@@ -10,7 +10,6 @@ import logging
 from typing import Any
 
 import bentoml
-from pydantic import Field
 
 from runners.ad_fraud import AdFraudRunner
 from runners.bid import BidRunner
@@ -99,7 +98,7 @@ class Tiffin:
     async def score_batch(
         self,
         model_type: schemas.BatchModelType,
-        requests: list[dict[str, Any]] = Field(min_length=1, max_length=schemas.MAX_ROWS),
+        requests: schemas.BatchItems,
         batch_id: str | None = None,
     ) -> schemas.BatchResponse:
         return await self.scoring.batch(model_type, requests, batch_id)
@@ -114,10 +113,8 @@ class Tiffin:
     @bentoml.api(route="/predict/batch")
     async def predict_batch(
         self,
-        requests: list[schemas.GenericPredictRequest] = Field(
-            min_length=1, max_length=schemas.MAX_ROWS
-        ),
-        batch_size: int = Field(10, ge=1, le=schemas.MAX_ROWS),
+        requests: schemas.GenericRequests,
+        batch_size: schemas.BatchSize = 10,
     ) -> list[schemas.GenericPredictResponse]:
         return [await self.scoring.generic_predict(r) for r in requests]
 
@@ -126,12 +123,12 @@ class Tiffin:
     @bentoml.api(route="/v1/models/predict")
     async def v1_predict(
         self,
-        instances: list[list[float]] = Field(min_length=1, max_length=schemas.MAX_ROWS),
+        instances: schemas.Instances,
         version: str | None = None,
     ) -> dict[str, Any]:
         return await self.scoring.v1_predict(instances, version)
 
 
-Tiffin.add_asgi_middleware(ClientErrorMiddleware)
+Tiffin.add_asgi_middleware(ClientErrorMiddleware)  # type: ignore[attr-defined]
 if SERVER.runner_topology == "in-process":
     serve_runners_in_process(Tiffin)

@@ -132,6 +132,10 @@ def card_fraud_dataset(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np
     return fz.to_matrix(rows), np.asarray(labels, dtype=np.int32)
 
 
+def _host_part(rng: np.random.Generator) -> str:
+    return f"{rng.integers(256)}.{rng.integers(256)}.{rng.integers(1, 255)}"
+
+
 def ad_fraud_dataset(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     agents_human = [
         "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/126.0 Safari/537.36",
@@ -152,12 +156,17 @@ def ad_fraud_dataset(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.n
         else:
             agent = str(rng.choice(agents_human))
         if fraud and rng.random() < 0.6:
-            ip = f"{rng.choice(['34', '52', '104', '185'])}.{rng.integers(256)}.{rng.integers(256)}.{rng.integers(1, 255)}"
+            ip = f"{rng.choice(['34', '52', '104', '185'])}.{_host_part(rng)}"
         elif rng.random() < 0.1:
             ip = f"192.168.{rng.integers(256)}.{rng.integers(1, 255)}"
         else:
-            ip = f"{rng.integers(60, 220)}.{rng.integers(256)}.{rng.integers(256)}.{rng.integers(1, 255)}"
-        req = {"impressions_24h": impressions, "clicks_24h": clicks, "ip_address": ip, "user_agent": agent}
+            ip = f"{rng.integers(60, 220)}.{_host_part(rng)}"
+        req = {
+            "impressions_24h": impressions,
+            "clicks_24h": clicks,
+            "ip_address": ip,
+            "user_agent": agent,
+        }
         rows.append(fz.ad_fraud_row(req))
         labels.append(fraud if rng.random() > 0.02 else not fraud)  # label noise
     return fz.to_matrix(rows), np.asarray(labels, dtype=np.int32)
@@ -165,7 +174,9 @@ def ad_fraud_dataset(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.n
 
 def ctr_dataset(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     format_lift = {"banner": -0.3, "video": 0.6, "native": 0.4, "interstitial": 0.2}
-    segment_lift = dict(zip(fz.USER_SEGMENTS, rng.normal(0, 0.35, len(fz.USER_SEGMENTS)), strict=True))
+    segment_lift = dict(
+        zip(fz.USER_SEGMENTS, rng.normal(0, 0.35, len(fz.USER_SEGMENTS)), strict=True)
+    )
     rows, labels = [], []
     for _ in range(n):
         placement = f"placement_{rng.integers(1000)}"
@@ -173,8 +184,13 @@ def ctr_dataset(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarra
         k = int(rng.integers(0, 4))
         segments = [str(s) for s in rng.choice(fz.USER_SEGMENTS, k, replace=False)]
         hour, day = int(rng.integers(24)), int(rng.integers(7))
-        req = {"placement_id": placement, "ad_format": fmt, "user_segments": segments,
-               "time_of_day": hour, "day_of_week": day}
+        req = {
+            "placement_id": placement,
+            "ad_format": fmt,
+            "user_segments": segments,
+            "time_of_day": hour,
+            "day_of_week": day,
+        }
         logit = -4.0 + format_lift[fmt] + sum(segment_lift[s] for s in segments)
         logit += 0.4 * np.sin(2 * np.pi * (hour - 14) / 24) + 0.2 * (day >= 5)
         logit += (fz.stable_bucket(placement, 64) - 32) / 40
@@ -190,8 +206,13 @@ def bid_dataset(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarra
         ctr = float(rng.beta(2, 80))
         competition = str(rng.choice(fz.COMPETITION_LEVELS, p=[0.3, 0.5, 0.2]))
         budget = float(rng.lognormal(np.log(800), 1.2))
-        req = {"placement_id": f"placement_{rng.integers(1000)}", "floor_cpm": floor,
-               "predicted_ctr": ctr, "competition_level": competition, "budget_remaining": budget}
+        req = {
+            "placement_id": f"placement_{rng.integers(1000)}",
+            "floor_cpm": floor,
+            "predicted_ctr": ctr,
+            "competition_level": competition,
+            "budget_remaining": budget,
+        }
         row = fz.bid_row(req)
         value = 1000 * ctr * 0.12  # expected value per mille at a $0.12 click value
         pressure = 1 + 0.25 * row[2]
@@ -216,10 +237,16 @@ def personalization_dataset(rng: np.random.Generator, n: int) -> tuple[np.ndarra
         row = fz.personalization_row(req, user, item, session)
         affinity, engagement, price_ratio = row[6], row[5], row[8]
         relevance = sigmoid(np.array(6 * affinity - 1.5 + 0.8 * engagement + 0.02 * row[11]))
-        conversion = sigmoid(np.array(-3.5 + 3 * affinity + 0.4 * np.log1p(row[2]) - 0.5 * np.log1p(price_ratio)))
+        conversion = sigmoid(
+            np.array(-3.5 + 3 * affinity + 0.4 * np.log1p(row[2]) - 0.5 * np.log1p(price_ratio))
+        )
         engagement_score = sigmoid(np.array(-1 + 2.5 * engagement + 0.15 * row[1] - 0.05 * row[4]))
         noise = rng.normal(0, 0.03, 3)
-        targets.append(np.clip([relevance + noise[0], conversion + noise[1] / 3, engagement_score + noise[2]], 0, 1))
+        targets.append(
+            np.clip(
+                [relevance + noise[0], conversion + noise[1] / 3, engagement_score + noise[2]], 0, 1
+            )
+        )
         rows.append(row)
     return fz.to_matrix(rows), np.asarray(targets, dtype=np.float32)
 

@@ -43,7 +43,11 @@ def _artifacts_in(version_dir: Path) -> dict[str, bytes]:
     forbidden = [p.name for p in version_dir.iterdir() if p.suffix in FORBIDDEN_SUFFIXES]
     if forbidden:
         raise ModelLoadError(f"{', '.join(forbidden)}: pickle files are not an import format")
-    found = {f: version_dir.joinpath(f).read_bytes() for f in NATIVE_BY_FILE if version_dir.joinpath(f).exists()}
+    found = {
+        f: version_dir.joinpath(f).read_bytes()
+        for f in NATIVE_BY_FILE
+        if version_dir.joinpath(f).exists()
+    }
     if not found:
         raise ModelLoadError(f"{version_dir} has none of {', '.join(NATIVE_BY_FILE)}")
     return found
@@ -55,7 +59,12 @@ def _card_from(metadata: dict[str, Any], name: str, artifacts: dict[str, bytes])
     )
     try:
         return ModelCard.model_validate(
-            {**metadata, "family": metadata.get("family", name), "framework": framework, "source": "imported"}
+            {
+                **metadata,
+                "family": metadata.get("family", name),
+                "framework": framework,
+                "source": "imported",
+            }
         )
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
@@ -72,15 +81,20 @@ def _try_onnx(card: ModelCard, artifacts: dict[str, bytes], native_dir: Path) ->
     n = len(card.feature_names)
     initial = [("input", FloatTensorType([None, n]))]
     native = load_artifacts("import-check", "native", native_dir, card)
+    booster = getattr(native.explainer, "booster", None)
     try:
         if card.framework == "xgboost":
-            onnx_model = convert_xgboost(native.explainer.booster, initial_types=initial, target_opset=15)  # type: ignore[union-attr]
+            onnx_model = convert_xgboost(booster, initial_types=initial, target_opset=15)
         else:
-            onnx_model = convert_lightgbm(native.explainer.booster, initial_types=initial, zipmap=False, target_opset=15)  # type: ignore[union-attr]
+            onnx_model = convert_lightgbm(
+                booster, initial_types=initial, zipmap=False, target_opset=15
+            )
         blob = onnx_model.SerializeToString()
         with tempfile.TemporaryDirectory() as tmp:
             Path(tmp, "model.onnx").write_bytes(blob)
-            converted = load_artifacts("import-check", "onnx", Path(tmp), card.model_copy(update={"checksums": {}}))
+            converted = load_artifacts(
+                "import-check", "onnx", Path(tmp), card.model_copy(update={"checksums": {}})
+            )
         probe = np.random.default_rng(0).normal(0, 3, (64, n)).astype(np.float32)
         if np.allclose(converted.predict(probe), native.predict(probe), atol=1e-4):
             return blob
@@ -89,18 +103,29 @@ def _try_onnx(card: ModelCard, artifacts: dict[str, bytes], native_dir: Path) ->
     return None
 
 
-def import_version(name: str, version: str, artifacts: dict[str, bytes], metadata: dict[str, Any],
-                   force: bool = False) -> str:
-    """Check one version completely, then save it; raises ModelLoadError and saves nothing on failure."""
+def import_version(
+    name: str,
+    version: str,
+    artifacts: dict[str, bytes],
+    metadata: dict[str, Any],
+    force: bool = False,
+) -> str:
+    """Check one version completely, then save it; on ModelLoadError nothing is saved."""
     if model_store.exists(name, version) and not force:
         raise ModelLoadError(f"{name}:{version} is already in the model store")
     card = _card_from(metadata, name, artifacts)
     with tempfile.TemporaryDirectory() as tmp:
         for fname, blob in artifacts.items():
             Path(tmp, fname).write_bytes(blob)
-        checked = card.model_copy(update={"checksums": {f: model_store.sha256_bytes(b) for f, b in artifacts.items()}})
+        checked = card.model_copy(
+            update={"checksums": {f: model_store.sha256_bytes(b) for f, b in artifacts.items()}}
+        )
         load_artifacts(name, version, Path(tmp), checked)
-        onnx_blob = _try_onnx(card, artifacts, Path(tmp)) if card.framework in ("xgboost", "lightgbm") else None
+        onnx_blob = (
+            _try_onnx(card, artifacts, Path(tmp))
+            if card.framework in ("xgboost", "lightgbm")
+            else None
+        )
     if onnx_blob is not None:
         artifacts = {**artifacts, "model.onnx": onnx_blob}
     if force and model_store.exists(name, version):
@@ -131,7 +156,9 @@ def import_directory(root: Path, force: bool = False) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Import user models into the BentoML model store")
     parser.add_argument("directory", nargs="?", type=Path, help="a seed-000 layout directory")
-    parser.add_argument("--file", type=Path, help="a single model.onnx / XGBoost .json / LightGBM .txt")
+    parser.add_argument(
+        "--file", type=Path, help="a single model.onnx / XGBoost .json / LightGBM .txt"
+    )
     parser.add_argument("--name")
     parser.add_argument("--version")
     parser.add_argument("--features", help="comma-separated feature names in column order")
@@ -144,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.file and args.name and args.version and args.features:
             suffix_to_file = {".onnx": "model.onnx", ".json": "model.json", ".txt": "model.txt"}
             if args.file.suffix not in suffix_to_file:
-                raise ModelLoadError(f"{args.file.name}: expected .onnx, .json (XGBoost) or .txt (LightGBM)")
+                raise ModelLoadError(
+                    f"{args.file.name}: expected .onnx, .json (XGBoost) or .txt (LightGBM)"
+                )
             metadata = {"feature_names": args.features.split(","), "task": args.task}
             artifacts = {suffix_to_file[args.file.suffix]: args.file.read_bytes()}
             tags = [import_version(args.name, args.version, artifacts, metadata, args.force)]

@@ -50,16 +50,22 @@ def snapshot(n_entities: int = 10_000, now: float | None = None) -> list[EntityT
     sessions = datagen.session_population(rng, n_entities)
     assert merchants.shape[1] == len(MERCHANT.fields)
     return [
-        EntityTable("card", [f"card_{i:08d}" for i in range(n_entities)], cards, stamps(n_entities)),
+        EntityTable(
+            "card", [f"card_{i:08d}" for i in range(n_entities)], cards, stamps(n_entities)
+        ),
         EntityTable(
             "merchant",
             [*(f"merchant_{i:05d}" for i in range(len(merchants))), "merchant_high_risk"],
             np.vstack([merchants, high_risk]),
             stamps(len(merchants) + 1),
         ),
-        EntityTable("user", [f"user_{i:08d}" for i in range(n_entities)], users, stamps(n_entities)),
+        EntityTable(
+            "user", [f"user_{i:08d}" for i in range(n_entities)], users, stamps(n_entities)
+        ),
         EntityTable("item", item_ids, items, stamps(len(item_ids))),
-        EntityTable("session", [f"session_{i:06d}" for i in range(n_entities)], sessions, stamps(n_entities)),
+        EntityTable(
+            "session", [f"session_{i:06d}" for i in range(n_entities)], sessions, stamps(n_entities)
+        ),
     ]
 
 
@@ -69,7 +75,9 @@ async def seed_redis(url: str, n_entities: int) -> int:
     try:
         for table in snapshot(n_entities):
             for part in chunks(table.ids, 2000):
-                await store.write(table.kind, table.ids[part], table.records[part], table.written_at[part])
+                await store.write(
+                    table.kind, table.ids[part], table.records[part], table.written_at[part]
+                )
             written += len(table.ids)
             print(f"  {table.kind}: {len(table.ids)} records", flush=True)
     finally:
@@ -89,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.perf_counter()
     count = asyncio.run(seed_redis(url, args.entities or settings.embedded_entities))
-    print(f"seeded {count} entities into {url.split('@')[-1]} in {time.perf_counter() - started:.1f}s")
+    print(
+        f"seeded {count} entities into {url.split('@')[-1]} in {time.perf_counter() - started:.1f}s"
+    )
     return 0
 
 

@@ -23,7 +23,7 @@ from sklearn.model_selection import train_test_split
 from models import datagen
 from tiffin import featurize as fz
 from tiffin import model_store
-from tiffin.model_store import ModelCard
+from tiffin.model_store import ModelCard, Task
 from tiffin.settings import model_settings
 
 DATA_SEED = 20240902
@@ -91,13 +91,20 @@ def train_card_fraud(rows: int) -> Trained:
     x, y = datagen.card_fraud_dataset(np.random.default_rng(DATA_SEED), rows)
     x_tr, x_te, y_tr, y_te = _split(x, y)
     model = XGBClassifier(
-        n_estimators=150, max_depth=5, learning_rate=0.08, subsample=0.9,
+        n_estimators=150,
+        max_depth=5,
+        learning_rate=0.08,
+        subsample=0.9,
         scale_pos_weight=float((y_tr == 0).sum() / max((y_tr == 1).sum(), 1)) ** 0.5,
-        n_jobs=2, random_state=DATA_SEED, eval_metric="auc",
+        n_jobs=2,
+        random_state=DATA_SEED,
+        eval_metric="auc",
     )
     model.fit(x_tr, y_tr)
     auc = roc_auc_score(y_te, model.predict_proba(x_te)[:, 1])
-    return Trained(_xgboost_artifacts(model, x.shape[1]), {"auc": auc, "positive_rate": float(y.mean())})
+    return Trained(
+        _xgboost_artifacts(model, x.shape[1]), {"auc": auc, "positive_rate": float(y.mean())}
+    )
 
 
 def train_ad_fraud(rows: int) -> Trained:
@@ -110,7 +117,9 @@ def train_ad_fraud(rows: int) -> Trained:
     )
     model.fit(x_tr, y_tr)
     auc = roc_auc_score(y_te, model.predict_proba(x_te)[:, 1])
-    return Trained(_xgboost_artifacts(model, x.shape[1]), {"auc": auc, "positive_rate": float(y.mean())})
+    return Trained(
+        _xgboost_artifacts(model, x.shape[1]), {"auc": auc, "positive_rate": float(y.mean())}
+    )
 
 
 def train_ctr(rows: int) -> Trained:
@@ -119,12 +128,19 @@ def train_ctr(rows: int) -> Trained:
     x, y = datagen.ctr_dataset(np.random.default_rng(DATA_SEED + 2), rows)
     x_tr, x_te, y_tr, y_te = _split(x, y)
     model = LGBMClassifier(
-        n_estimators=150, num_leaves=31, learning_rate=0.05, min_child_samples=40,
-        n_jobs=2, random_state=DATA_SEED, verbose=-1,
+        n_estimators=150,
+        num_leaves=31,
+        learning_rate=0.05,
+        min_child_samples=40,
+        n_jobs=2,
+        random_state=DATA_SEED,
+        verbose=-1,
     )
     model.fit(x_tr, y_tr)
-    auc = roc_auc_score(y_te, model.predict_proba(x_te)[:, 1])
-    return Trained(_lightgbm_artifacts(model, x.shape[1]), {"auc": auc, "positive_rate": float(y.mean())})
+    auc = roc_auc_score(y_te, np.asarray(model.predict_proba(x_te))[:, 1])
+    return Trained(
+        _lightgbm_artifacts(model, x.shape[1]), {"auc": auc, "positive_rate": float(y.mean())}
+    )
 
 
 def train_bid(rows: int) -> Trained:
@@ -135,7 +151,9 @@ def train_bid(rows: int) -> Trained:
     model = GradientBoostingRegressor(n_estimators=120, max_depth=4, random_state=DATA_SEED)
     model.fit(x_tr, y_tr)
     rmse = float(np.sqrt(mean_squared_error(y_te, model.predict(x_te))))
-    return Trained(_sklearn_artifacts(model, x.shape[1]), {"rmse": rmse, "target_mean": float(y.mean())})
+    return Trained(
+        _sklearn_artifacts(model, x.shape[1]), {"rmse": rmse, "target_mean": float(y.mean())}
+    )
 
 
 def train_personalization(rows: int) -> Trained:
@@ -147,8 +165,9 @@ def train_personalization(rows: int) -> Trained:
     x_tr, x_te, y_tr, y_te = _split(x, y, stratify=False)
     model = make_pipeline(
         StandardScaler(),
-        MLPRegressor(hidden_layer_sizes=(32, 16), max_iter=200, early_stopping=True,
-                     random_state=DATA_SEED),
+        MLPRegressor(
+            hidden_layer_sizes=(32, 16), max_iter=200, early_stopping=True, random_state=DATA_SEED
+        ),
     )
     model.fit(x_tr, y_tr)
     pred = np.clip(model.predict(x_te), 0, 1)
@@ -207,8 +226,10 @@ def train_species_v2_quantized(rows: int) -> Trained:
         quantized = dst.read_bytes()
         probs = OnnxPredictor("multiclass").load(dst).predict(x_te)
     acc = accuracy_score(y_te, probs.argmax(axis=1))
-    return Trained({"model.onnx": quantized}, {"accuracy": acc, "fp32_bytes": len(artifacts["model.onnx"]),
-                                               "int8_bytes": len(quantized)})
+    return Trained(
+        {"model.onnx": quantized},
+        {"accuracy": acc, "fp32_bytes": len(artifacts["model.onnx"]), "int8_bytes": len(quantized)},
+    )
 
 
 @dataclass
@@ -216,7 +237,7 @@ class Pipeline:
     name: str
     version: str
     framework: str
-    task: str
+    task: Task
     feature_names: tuple[str, ...]
     output_names: tuple[str, ...]
     train: Callable[[int], Trained]
@@ -224,34 +245,100 @@ class Pipeline:
 
 
 PIPELINES: tuple[Pipeline, ...] = (
-    Pipeline("fraud_detection", "1.0.0", "xgboost", "binary", fz.AD_FRAUD_FEATURES, ("fraud",),
-             train_ad_fraud, "Ad click fraud (seed 000 /predict/fraud)"),
-    Pipeline("ctr_prediction", "1.0.0", "lightgbm", "binary", fz.CTR_FEATURES, ("click",),
-             train_ctr, "Click-through rate (seed 000 /predict/ctr)"),
-    Pipeline("bid_optimization", "1.0.0", "sklearn", "regression", fz.BID_FEATURES,
-             ("optimal_bid_cpm",), train_bid, "Optimal bid CPM (seed 000 /predict/bid)"),
-    Pipeline("card_fraud", "v1.0", "xgboost", "binary", fz.CARD_FRAUD_FEATURES, ("fraud",),
-             train_card_fraud, "Card transaction fraud (seed 001 /score/fraud)"),
-    Pipeline("personalization", "v1.0", "sklearn", "multi_output", fz.PERSONALIZATION_FEATURES,
-             fz.PERSONALIZATION_OUTPUTS, train_personalization,
-             "Relevance, conversion and engagement (seed 001 /score/personalization)"),
-    Pipeline("species_classifier", "v1", "sklearn", "multiclass", datagen.SPECIES_FEATURES,
-             datagen.SPECIES, train_species_v1, "Flower species, logistic regression (seed 004)"),
-    Pipeline("species_classifier", "v2", "sklearn", "multiclass", datagen.SPECIES_FEATURES,
-             datagen.SPECIES, train_species_v2, "Flower species, MLP (seed 004)"),
-    Pipeline("species_classifier", "v2-quantized", "onnx", "multiclass", datagen.SPECIES_FEATURES,
-             datagen.SPECIES, train_species_v2_quantized,
-             "Flower species, MLP with int8 weights (seed 004)"),
+    Pipeline(
+        "fraud_detection",
+        "1.0.0",
+        "xgboost",
+        "binary",
+        fz.AD_FRAUD_FEATURES,
+        ("fraud",),
+        train_ad_fraud,
+        "Ad click fraud (seed 000 /predict/fraud)",
+    ),
+    Pipeline(
+        "ctr_prediction",
+        "1.0.0",
+        "lightgbm",
+        "binary",
+        fz.CTR_FEATURES,
+        ("click",),
+        train_ctr,
+        "Click-through rate (seed 000 /predict/ctr)",
+    ),
+    Pipeline(
+        "bid_optimization",
+        "1.0.0",
+        "sklearn",
+        "regression",
+        fz.BID_FEATURES,
+        ("optimal_bid_cpm",),
+        train_bid,
+        "Optimal bid CPM (seed 000 /predict/bid)",
+    ),
+    Pipeline(
+        "card_fraud",
+        "v1.0",
+        "xgboost",
+        "binary",
+        fz.CARD_FRAUD_FEATURES,
+        ("fraud",),
+        train_card_fraud,
+        "Card transaction fraud (seed 001 /score/fraud)",
+    ),
+    Pipeline(
+        "personalization",
+        "v1.0",
+        "sklearn",
+        "multi_output",
+        fz.PERSONALIZATION_FEATURES,
+        fz.PERSONALIZATION_OUTPUTS,
+        train_personalization,
+        "Relevance, conversion and engagement (seed 001 /score/personalization)",
+    ),
+    Pipeline(
+        "species_classifier",
+        "v1",
+        "sklearn",
+        "multiclass",
+        datagen.SPECIES_FEATURES,
+        datagen.SPECIES,
+        train_species_v1,
+        "Flower species, logistic regression (seed 004)",
+    ),
+    Pipeline(
+        "species_classifier",
+        "v2",
+        "sklearn",
+        "multiclass",
+        datagen.SPECIES_FEATURES,
+        datagen.SPECIES,
+        train_species_v2,
+        "Flower species, MLP (seed 004)",
+    ),
+    Pipeline(
+        "species_classifier",
+        "v2-quantized",
+        "onnx",
+        "multiclass",
+        datagen.SPECIES_FEATURES,
+        datagen.SPECIES,
+        train_species_v2_quantized,
+        "Flower species, MLP with int8 weights (seed 004)",
+    ),
 )
 
 
 def run_pipeline(p: Pipeline, rows: int) -> str:
     result = p.train(rows)
     card = ModelCard(
-        family=p.name, framework=p.framework, task=p.task,  # type: ignore[arg-type]
-        feature_names=list(p.feature_names), output_names=list(p.output_names),
+        family=p.name,
+        framework=p.framework,
+        task=p.task,
+        feature_names=list(p.feature_names),
+        output_names=list(p.output_names),
         metrics={k: round(float(v), 6) for k, v in result.metrics.items()},
-        data_seed=DATA_SEED, description=p.description,
+        data_seed=DATA_SEED,
+        description=p.description,
     )
     tag = model_store.save(p.name, p.version, result.artifacts, card)
     shown = ", ".join(f"{k}={v:.4f}" for k, v in card.metrics.items())
@@ -271,8 +358,12 @@ def import_example_model() -> str:
         version_dir.mkdir(parents=True)
         version_dir.joinpath("model.onnx").write_bytes(_sklearn_artifacts(model, 2)["model.onnx"])
         importer.write_metadata(
-            version_dir, framework="sklearn", task="binary", feature_names=["feature1", "feature2"],
-            output_names=["class_0", "class_1"], description="Seed 003's example model",
+            version_dir,
+            framework="sklearn",
+            task="binary",
+            feature_names=["feature1", "feature2"],
+            output_names=["class_0", "class_1"],
+            description="Seed 003's example model",
         )
         tags = importer.import_directory(Path(tmp))
     return ", ".join(str(t) for t in tags)
@@ -298,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
             bentoml.models.delete(f"{p.name}:{p.version}")
         t0 = time.perf_counter()
         print(f"{prefix} training {p.framework} on {rows} generated rows ...", flush=True)
-        print(f"{prefix} saved {run_pipeline(p, rows)} in {time.perf_counter() - t0:.1f}s", flush=True)
+        print(
+            f"{prefix} saved {run_pipeline(p, rows)} in {time.perf_counter() - t0:.1f}s", flush=True
+        )
     if not args.only or "your_model" in args.only:
         prefix = f"[{len(todo) + 1}/{len(todo) + 1}] your_model:1.0.0"
         if model_store.exists("your_model", "1.0.0"):

@@ -27,6 +27,7 @@ from tiffin.settings import FeatureStoreSettings
 
 log = logging.getLogger("tiffin.features")
 _HEADER = struct.Struct("<d")
+Timestamps = Sequence[float] | np.ndarray
 
 
 def pack(record: np.ndarray, written_at: float) -> bytes:
@@ -62,7 +63,7 @@ class FeatureStore(Protocol):
     async def fetch(self, wanted: Sequence[tuple[str, str | None]]) -> list[EntityLookup]: ...
 
     async def write(
-        self, kind: str, ids: Sequence[str], records: np.ndarray, written_at: Sequence[float]
+        self, kind: str, ids: Sequence[str], records: np.ndarray, written_at: Timestamps
     ) -> None: ...
 
     async def status(self) -> dict[str, object]: ...
@@ -79,7 +80,9 @@ def _decode(kind: str, entity_id: str | None, blob: bytes | None) -> EntityLooku
         return _defaults(kind, entity_id)
     decoded = unpack(blob, len(ENTITIES[kind].fields))
     if decoded is None:
-        log.warning("feature record %s:%s does not match its schema; using defaults", kind, entity_id)
+        log.warning(
+            "feature record %s:%s does not match its schema; using defaults", kind, entity_id
+        )
         return _defaults(kind, entity_id)
     values, written_at = decoded
     return EntityLookup(kind, entity_id, values, True, written_at)
@@ -102,12 +105,12 @@ class EmbeddedFeatureStore:
         ]
 
     async def write(
-        self, kind: str, ids: Sequence[str], records: np.ndarray, written_at: Sequence[float]
+        self, kind: str, ids: Sequence[str], records: np.ndarray, written_at: Timestamps
     ) -> None:
         self.write_sync(kind, ids, records, written_at)
 
     def write_sync(
-        self, kind: str, ids: Sequence[str], records: np.ndarray, written_at: Sequence[float]
+        self, kind: str, ids: Sequence[str], records: np.ndarray, written_at: Timestamps
     ) -> None:
         for eid, rec, ts in zip(ids, records, written_at, strict=True):
             self._data[f"{self.prefix}:{kind}:{eid}"] = pack(rec, ts)
@@ -140,8 +143,11 @@ class RedisFeatureStore:
         if self._client is None or self._loop is not loop:  # one client per event loop
             timeout = self.settings.timeout_ms / 1000
             self._client = aioredis.Redis.from_url(
-                self.url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                max_connections=64, health_check_interval=30,
+                self.url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                max_connections=64,
+                health_check_interval=30,
             )
             self._loop = loop
         return self._client
@@ -153,11 +159,13 @@ class RedisFeatureStore:
         if time.monotonic() < self._down_until:
             return [_defaults(kind, eid, degraded=True) for kind, eid in wanted]
         try:
-            blobs = iter(await self._redis().mget(keys))  # type: ignore[attr-defined]
+            blobs = iter(await self._redis().mget(keys))
         except Exception as exc:  # any Redis/network failure degrades, never fails the request
             self._trip(exc)
             return [_defaults(kind, eid, degraded=True) for kind, eid in wanted]
-        return [_decode(kind, eid, next(blobs) if eid is not None else None) for kind, eid in wanted]
+        return [
+            _decode(kind, eid, next(blobs) if eid is not None else None) for kind, eid in wanted
+        ]
 
     def _trip(self, exc: Exception) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"
@@ -165,10 +173,10 @@ class RedisFeatureStore:
         log.warning("feature store unavailable, scoring on defaults: %s", self.last_error)
 
     async def write(
-        self, kind: str, ids: Sequence[str], records: np.ndarray, written_at: Sequence[float]
+        self, kind: str, ids: Sequence[str], records: np.ndarray, written_at: Timestamps
     ) -> None:
         client = self._redis()
-        async with client.pipeline(transaction=False) as pipe:  # type: ignore[attr-defined]
+        async with client.pipeline(transaction=False) as pipe:
             for eid, rec, ts in zip(ids, records, written_at, strict=True):
                 pipe.set(f"{self.prefix}:{kind}:{eid}", pack(rec, ts))
             pipe.set(f"{self.prefix}:schema:{kind}", ",".join(ENTITIES[kind].fields))
@@ -176,7 +184,7 @@ class RedisFeatureStore:
 
     async def status(self) -> dict[str, object]:
         try:
-            await self._redis().ping()  # type: ignore[attr-defined]
+            await self._redis().ping()
         except Exception as exc:
             self._trip(exc)
             return {"status": "down", "backend": self.backend, "error": self.last_error}

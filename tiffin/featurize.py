@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+Vector = Sequence[float] | np.ndarray
+
 # ---------------------------------------------------------------------------------------------
 # Entities held in the online feature store
 # ---------------------------------------------------------------------------------------------
@@ -98,9 +100,7 @@ SESSION = EntitySchema(
     ("pages_viewed", "session_duration_sec", "cart_adds"),
     (3.0, 120.0, 0.0),
 )
-ENTITIES: dict[str, EntitySchema] = {
-    s.kind: s for s in (CARD, MERCHANT, USER, ITEM, SESSION)
-}
+ENTITIES: dict[str, EntitySchema] = {s.kind: s for s in (CARD, MERCHANT, USER, ITEM, SESSION)}
 
 # ---------------------------------------------------------------------------------------------
 # Small deterministic encoders
@@ -251,9 +251,7 @@ CARD_RISK_FACTORS: dict[str, tuple[str, ...]] = {
 }
 
 
-def card_fraud_row(
-    req: Mapping[str, Any], card: Sequence[float], merchant: Sequence[float]
-) -> list[float]:
+def card_fraud_row(req: Mapping[str, Any], card: Vector, merchant: Vector) -> list[float]:
     amount = float(req["transaction_amount"])
     avg = float(card[2])
     std = max(float(card[3]), 1.0)
@@ -289,9 +287,9 @@ PERSONALIZATION_OUTPUTS = ("relevance_score", "conversion_probability", "engagem
 
 def personalization_row(
     req: Mapping[str, Any],
-    user: Sequence[float],
-    item: Sequence[float],
-    session: Sequence[float],
+    user: Vector,
+    item: Vector,
+    session: Vector,
 ) -> list[float]:
     category = category_index(req.get("item_category"))
     if category < 0:

@@ -30,31 +30,43 @@ class Metrics:
 def metrics() -> Metrics:
     return Metrics(
         requests=Counter(
-            "ml_inference_requests_total", "Inference requests by model, version and status",
+            "ml_inference_requests_total",
+            "Inference requests by model, version and status",
             ["model", "version", "status"],
         ),
         duration=Histogram(
-            "ml_inference_duration_seconds", "Inference latency (features + model + encoding)",
-            ["model", "version"], buckets=LATENCY_BUCKETS,
+            "ml_inference_duration_seconds",
+            "Inference latency (features + model + encoding)",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
         ),
         errors=Counter(
-            "ml_inference_errors_total", "Inference errors by model, version and type",
+            "ml_inference_errors_total",
+            "Inference errors by model, version and type",
             ["model", "version", "type"],
         ),
         load_time=Gauge(
-            "ml_model_load_time_seconds", "Time to load and warm up a model version",
-            ["model", "version"], multiprocess_mode="livemax",
+            "ml_model_load_time_seconds",
+            "Time to load and warm up a model version",
+            ["model", "version"],
+            multiprocess_mode="livemax",
         ),
         active_models=Gauge(
-            "ml_active_models", "1 for every model version loaded and serving",
-            ["model", "version"], multiprocess_mode="livemax",
+            "ml_active_models",
+            "1 for every model version loaded and serving",
+            ["model", "version"],
+            multiprocess_mode="livemax",
         ),
         feature_fetch=Histogram(
-            "feature_fetch_duration_seconds", "Feature store lookup latency per request",
-            ["model", "version", "backend"], buckets=LATENCY_BUCKETS,
+            "feature_fetch_duration_seconds",
+            "Feature store lookup latency per request",
+            ["model", "version", "backend"],
+            buckets=LATENCY_BUCKETS,
         ),
         scores=Histogram(
-            "prediction_scores", "Distribution of predicted scores",
-            ["model", "version"], buckets=SCORE_BUCKETS,
+            "prediction_scores",
+            "Distribution of predicted scores",
+            ["model", "version"],
+            buckets=SCORE_BUCKETS,
         ),
     )

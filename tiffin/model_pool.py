@@ -52,7 +52,9 @@ class ModelPool:
             stored = model_store.get(self.family, version)
             try:
                 loaded = load_artifacts(
-                    self.family, stored.tag.version or version, Path(stored.path),
+                    self.family,
+                    stored.tag.version or version,
+                    Path(stored.path),
                     model_store.card_of(stored),
                 )
             except ModelLoadError as exc:
@@ -61,9 +63,13 @@ class ModelPool:
                 raise
             self._loaded[loaded.version] = loaded
             self.failed.pop(version, None)
-            metrics().load_time.labels(self.family, loaded.version).set(time.perf_counter() - started)
+            metrics().load_time.labels(self.family, loaded.version).set(
+                time.perf_counter() - started
+            )
             metrics().active_models.labels(self.family, loaded.version).set(1)
-            log.info("loaded %s:%s in %.3fs", self.family, loaded.version, time.perf_counter() - started)
+            log.info(
+                "loaded %s:%s in %.3fs", self.family, loaded.version, time.perf_counter() - started
+            )
             return loaded
 
     def get(self, version: str | None = None) -> LoadedModel:
@@ -75,7 +81,9 @@ class ModelPool:
         try:
             return self.load(version)
         except ModelNotFound as exc:
-            raise ModelNotFound(f"version {version!r} of model {self.family!r} does not exist") from exc
+            raise ModelNotFound(
+                f"version {version!r} of model {self.family!r} does not exist"
+            ) from exc
 
     def predict(self, features: np.ndarray, version: str | None = None) -> np.ndarray:
         model = self.get(version)

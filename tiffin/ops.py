@@ -51,13 +51,17 @@ async def health(_: Request) -> Response:
     components.update(state.components)
     statuses = {c.get("status") for c in components.values()}
     overall = "ok" if statuses <= {"ok", "disabled"} else "degraded"
-    return JSON({
-        "status": overall,
-        "models_loaded": sum(1 for versions in loaded.values() for v in versions if v["state"] == "loaded"),
-        "uptime_seconds": round(time.time() - state.started_at, 3),
-        "models": sorted(loaded),
-        "components": components,
-    })
+    return JSON(
+        {
+            "status": overall,
+            "models_loaded": sum(
+                1 for versions in loaded.values() for v in versions if v["state"] == "loaded"
+            ),
+            "uptime_seconds": round(time.time() - state.started_at, 3),
+            "models": sorted(loaded),
+            "components": components,
+        }
+    )
 
 
 async def ready(_: Request) -> Response:
@@ -108,10 +112,12 @@ async def v1_models(_: Request) -> Response:
     return JSON({"models": models})
 
 
-app = Starlette(routes=[
-    Route("/health", health),
-    Route("/ready", ready),
-    Route("/models", list_models),
-    Route("/models/{name}", get_model),
-    Route("/v1/models", v1_models),
-])
+app = Starlette(
+    routes=[
+        Route("/health", health),
+        Route("/ready", ready),
+        Route("/models", list_models),
+        Route("/models/{name}", get_model),
+        Route("/v1/models", v1_models),
+    ]
+)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -46,7 +46,7 @@ class OnnxPredictor:
 
     def __init__(self, task: str) -> None:
         self.task = task
-        self._session: object | None = None
+        self._session: Any = None
 
     def load(self, path: Path) -> OnnxPredictor:
         import onnxruntime as ort
@@ -67,14 +67,16 @@ class OnnxPredictor:
         wants_probabilities = self.task in ("binary", "multiclass")
         prob_outputs = [o for o in outputs if "prob" in o.lower()]
         self._output = (
-            prob_outputs[0] if wants_probabilities and prob_outputs else outputs[-1 if wants_probabilities else 0]
+            prob_outputs[0]
+            if wants_probabilities and prob_outputs
+            else outputs[-1 if wants_probabilities else 0]
         )
         shape = session.get_inputs()[0].shape
         self.n_features = shape[1] if len(shape) == 2 and isinstance(shape[1], int) else None
         return self
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        raw = self._session.run([self._output], {self._input: features})[0]  # type: ignore[attr-defined]
+        raw = self._session.run([self._output], {self._input: features})[0]
         if isinstance(raw, list):  # a ZipMap output: list of {class: probability}
             raw = np.asarray([[row[k] for k in sorted(row)] for row in raw], dtype=np.float32)
         return _as_task_output(raw, self.task, features.shape[0])
@@ -100,9 +102,7 @@ class XGBoostPredictor:
         return self
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        return _as_task_output(
-            self.booster.inplace_predict(features), self.task, features.shape[0]
-        )
+        return _as_task_output(self.booster.inplace_predict(features), self.task, features.shape[0])
 
     def contributions(self, features: np.ndarray) -> np.ndarray:
         import xgboost as xgb
@@ -129,7 +129,7 @@ class LightGBMPredictor:
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         return _as_task_output(
-            self.booster.predict(features, num_threads=1), self.task, features.shape[0]
+            np.asarray(self.booster.predict(features, num_threads=1)), self.task, features.shape[0]
         )
 
     def contributions(self, features: np.ndarray) -> np.ndarray:
@@ -171,7 +171,8 @@ def load_artifacts(name: str, version: str, directory: Path, card: ModelCard) ->
     """Load a version's artifacts, check them against its card, and warm it up once."""
     verify_checksums(directory, card)
     native: XGBoostPredictor | LightGBMPredictor | None = None
-    for framework, cls in _NATIVE.items():
+    native_classes: dict[str, Any] = _NATIVE
+    for framework, cls in native_classes.items():
         path = directory / ARTIFACT_FILES[framework]
         if path.exists():
             native = cls(card.task).load(path)

@@ -45,7 +45,9 @@ class AdFraudRequest(_Request):
 class CtrRequest(_Request):
     placement_id: NonEmptyId
     ad_format: Literal[AD_FORMATS]  # type: ignore[valid-type]
-    user_segments: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=64)
+    user_segments: list[Annotated[str, Field(max_length=64)]] = Field(
+        default_factory=list, max_length=64
+    )
     time_of_day: int = Field(ge=0, le=23)
     day_of_week: int = Field(ge=0, le=6)
 
@@ -142,6 +144,9 @@ class PersonalizationResponse(BaseModel):
 BatchModelType = Literal["fraud_detection", "fraud", "card_fraud", "personalization"]
 
 
+BatchItems = Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_ROWS)]
+
+
 class BatchResponse(BaseModel):
     batch_id: str | None
     model_type: str
@@ -169,3 +174,14 @@ class GenericPredictResponse(BaseModel):
     model_name: str
     model_version: str
     latency_ms: float
+
+
+GenericRequests = Annotated[list[GenericPredictRequest], Field(min_length=1, max_length=MAX_ROWS)]
+BatchSize = Annotated[int, Field(ge=1, le=MAX_ROWS)]
+
+# --- seed 004 ---------------------------------------------------------------------------------
+
+Instances = Annotated[
+    list[Annotated[list[float], Field(min_length=1, max_length=10_000)]],
+    Field(min_length=1, max_length=MAX_ROWS),
+]

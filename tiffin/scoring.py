@@ -11,9 +11,10 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel
 
 from tiffin import featurize as fz
 from tiffin.errors import InvalidInput, ModelNotFound
@@ -38,6 +39,8 @@ from tiffin.schemas import (
     PersonalizationResponse,
 )
 
+RiskLevel = Literal["low", "medium", "high"]
+Action = Literal["approve", "review", "decline"]
 FRAUD_FAMILIES = {"fraud_detection", "fraud", "card_fraud"}
 
 
@@ -45,7 +48,7 @@ def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
 
 
-def risk_band(score: float) -> tuple[str, str]:
+def risk_band(score: float) -> tuple[RiskLevel, Action]:
     """(risk_level, recommended_action) for a fraud probability."""
     if score < 0.3:
         return "low", "approve"
@@ -54,8 +57,12 @@ def risk_band(score: float) -> tuple[str, str]:
     return "high", "decline"
 
 
-def top_factors(contributions: np.ndarray, groups: Mapping[str, Sequence[str]],
-                feature_names: Sequence[str], limit: int = 3) -> list[str]:
+def top_factors(
+    contributions: np.ndarray,
+    groups: Mapping[str, Sequence[str]],
+    feature_names: Sequence[str],
+    limit: int = 3,
+) -> list[str]:
     """Named factor groups ranked by their summed positive contribution to this prediction."""
     index = {name: i for i, name in enumerate(feature_names)}
     totals = {
@@ -77,7 +84,13 @@ def explain_fraud(level: str, factors: Sequence[str]) -> str:
 
 def user_segment(user: np.ndarray) -> str:
     sessions, _, purchases, order_value, days_away, engagement = (float(v) for v in user[:6])
-    value = "high_value" if purchases >= 2 and order_value >= 60 else "new" if sessions <= 1 else "regular"
+    value = (
+        "high_value"
+        if purchases >= 2 and order_value >= 60
+        else "new"
+        if sessions <= 1
+        else "regular"
+    )
     activity = "engaged" if engagement >= 0.5 else "dormant" if days_away > 14 else "casual"
     return f"{value}_{activity}"
 
@@ -103,8 +116,10 @@ def behavioral_signals(user: np.ndarray, session: EntityLookup, affinity: float)
 
 def _feature_status(store: FeatureStore, lookups: Sequence[EntityLookup]) -> FeatureStatus:
     return FeatureStatus(
-        source=store.backend,  # type: ignore[arg-type]
-        defaults_used=[f"{lk.kind}:{lk.entity_id}" for lk in lookups if not lk.found and lk.entity_id],
+        source=store.backend,
+        defaults_used=[
+            f"{lk.kind}:{lk.entity_id}" for lk in lookups if not lk.found and lk.entity_id
+        ],
         degraded=any(lk.degraded for lk in lookups),
     )
 
@@ -152,7 +167,9 @@ class Scoring:
 
     # --- feature store ------------------------------------------------------------------------
 
-    async def _fetch(self, model: str, version: str, wanted: list[tuple[str, str | None]]) -> list[EntityLookup]:
+    async def _fetch(
+        self, model: str, version: str, wanted: list[tuple[str, str | None]]
+    ) -> list[EntityLookup]:
         started = time.perf_counter()
         lookups = await self.store.fetch(wanted)
         metrics().feature_fetch.labels(model, version, self.store.backend).observe(
@@ -169,8 +186,11 @@ class Scoring:
         level, _ = risk_band(score)
         obs.done([score])
         return AdFraudResponse(
-            user_id=req.user_id, fraud_probability=round(score, 6), is_fraud=score >= 0.5,
-            risk_level=level, model_version=obs.version,  # type: ignore[arg-type]
+            user_id=req.user_id,
+            fraud_probability=round(score, 6),
+            is_fraud=score >= 0.5,
+            risk_level=level,
+            model_version=obs.version,
             latency_ms=_ms_since(obs.started),
         )
 
@@ -180,8 +200,10 @@ class Scoring:
         score = float((await runner.predict(fz.to_matrix([fz.ctr_row(req.__dict__)])))[0])
         obs.done([score])
         return CtrResponse(
-            placement_id=req.placement_id, predicted_ctr=round(score, 6),
-            model_version=obs.version, latency_ms=_ms_since(obs.started),
+            placement_id=req.placement_id,
+            predicted_ctr=round(score, 6),
+            model_version=obs.version,
+            latency_ms=_ms_since(obs.started),
         )
 
     async def bid(self, req: BidRequest) -> BidResponse:
@@ -198,14 +220,20 @@ class Scoring:
             reason = "model value clears the floor"
         obs.done()
         return BidResponse(
-            placement_id=req.placement_id, recommended_bid_cpm=round(bid, 4),
-            floor_cpm=req.floor_cpm, should_bid=affordable, reason=reason,
-            model_version=obs.version, latency_ms=_ms_since(obs.started),
+            placement_id=req.placement_id,
+            recommended_bid_cpm=round(bid, 4),
+            floor_cpm=req.floor_cpm,
+            should_bid=affordable,
+            reason=reason,
+            model_version=obs.version,
+            latency_ms=_ms_since(obs.started),
         )
 
     # --- seed 001 -----------------------------------------------------------------------------
 
-    async def card_fraud_many(self, reqs: Sequence[CardFraudRequest]) -> tuple[str, list[CardFraudResponse]]:
+    async def card_fraud_many(
+        self, reqs: Sequence[CardFraudRequest]
+    ) -> tuple[str, list[CardFraudResponse]]:
         runner = self.runners["card_fraud"]
         obs = Observation(runner.family, runner.version(), time.perf_counter())
         wanted: list[tuple[str, str | None]] = []
@@ -213,10 +241,12 @@ class Scoring:
             wanted += [("card", r.card_id), ("merchant", r.merchant_id)]
         lookups = await self._fetch(obs.model, obs.version, wanted)
         now = time.time()
-        x = fz.to_matrix([
-            fz.card_fraud_row(r.__dict__, lookups[2 * i].values, lookups[2 * i + 1].values)
-            for i, r in enumerate(reqs)
-        ])
+        x = fz.to_matrix(
+            [
+                fz.card_fraud_row(r.__dict__, lookups[2 * i].values, lookups[2 * i + 1].values)
+                for i, r in enumerate(reqs)
+            ]
+        )
         scores = await runner.predict(x)
         contributions = await runner.contributions(x)
         names = fz.CARD_FRAUD_FEATURES
@@ -226,15 +256,22 @@ class Scoring:
             level, action = risk_band(score)
             factors = top_factors(contributions[i], fz.CARD_RISK_FACTORS, names)
             pair = lookups[2 * i : 2 * i + 2]
-            results.append(CardFraudResponse(
-                fraud_score=round(score, 6), risk_level=level,  # type: ignore[arg-type]
-                confidence=round(max(score, 1 - score), 6),
-                recommended_action=action,  # type: ignore[arg-type]
-                explanation=explain_fraud(level, factors), top_risk_factors=factors,
-                features_used=len(names), latency_ms=_ms_since(obs.started),
-                model_version=obs.version, feature_freshness_sec=_freshness(pair, now),
-                card_id=r.card_id, features=_feature_status(self.store, pair),
-            ))
+            results.append(
+                CardFraudResponse(
+                    fraud_score=round(score, 6),
+                    risk_level=level,
+                    confidence=round(max(score, 1 - score), 6),
+                    recommended_action=action,
+                    explanation=explain_fraud(level, factors),
+                    top_risk_factors=factors,
+                    features_used=len(names),
+                    latency_ms=_ms_since(obs.started),
+                    model_version=obs.version,
+                    feature_freshness_sec=_freshness(pair, now),
+                    card_id=r.card_id,
+                    features=_feature_status(self.store, pair),
+                )
+            )
         obs.done(scores)
         return obs.version, results
 
@@ -260,33 +297,47 @@ class Scoring:
         for i, r in enumerate(reqs):
             user, _item, session = lookups[3 * i : 3 * i + 3]
             relevance, conversion, engagement = (round(float(v), 6) for v in outputs[i])
-            results.append(PersonalizationResponse(
-                relevance_score=relevance, conversion_probability=conversion,
-                engagement_score=engagement, user_segment=user_segment(user.values),
-                behavioral_signals=behavioral_signals(user.values, session, rows[i][6]),
-                features_used=len(fz.PERSONALIZATION_FEATURES), latency_ms=_ms_since(obs.started),
-                model_version=obs.version, user_id=r.user_id, item_id=r.item_id,
-                feature_freshness_sec=_freshness(lookups[3 * i : 3 * i + 3], now),
-                features=_feature_status(self.store, lookups[3 * i : 3 * i + 3]),
-            ))
+            results.append(
+                PersonalizationResponse(
+                    relevance_score=relevance,
+                    conversion_probability=conversion,
+                    engagement_score=engagement,
+                    user_segment=user_segment(user.values),
+                    behavioral_signals=behavioral_signals(user.values, session, rows[i][6]),
+                    features_used=len(fz.PERSONALIZATION_FEATURES),
+                    latency_ms=_ms_since(obs.started),
+                    model_version=obs.version,
+                    user_id=r.user_id,
+                    item_id=r.item_id,
+                    feature_freshness_sec=_freshness(lookups[3 * i : 3 * i + 3], now),
+                    features=_feature_status(self.store, lookups[3 * i : 3 * i + 3]),
+                )
+            )
         obs.done(outputs[:, 0])
         return obs.version, results
 
     async def personalization(self, req: PersonalizationRequest) -> PersonalizationResponse:
         return (await self.personalization_many([req]))[1][0]
 
-    async def batch(self, model_type: str, requests: Sequence[Mapping[str, Any]],
-                    batch_id: str | None) -> BatchResponse:
+    async def batch(
+        self, model_type: str, requests: Sequence[Mapping[str, Any]], batch_id: str | None
+    ) -> BatchResponse:
         started = time.perf_counter()
-        schema = CardFraudRequest if model_type in FRAUD_FAMILIES else PersonalizationRequest
+        schema: type[BaseModel] = (
+            CardFraudRequest if model_type in FRAUD_FAMILIES else PersonalizationRequest
+        )
         parsed = [_parse_item(schema, item, i) for i, item in enumerate(requests)]
+        results: Sequence[CardFraudResponse | PersonalizationResponse]
         if schema is CardFraudRequest:
-            version, results = await self.card_fraud_many(parsed)  # type: ignore[arg-type]
+            version, results = await self.card_fraud_many(parsed)
         else:
-            version, results = await self.personalization_many(parsed)  # type: ignore[arg-type]
+            version, results = await self.personalization_many(parsed)
         return BatchResponse(
-            batch_id=batch_id, model_type=model_type, count=len(results),
-            results=[r.model_dump() for r in results], model_version=version,
+            batch_id=batch_id,
+            model_type=model_type,
+            count=len(results),
+            results=[r.model_dump() for r in results],
+            model_version=version,
             latency_ms=_ms_since(started),
         )
 
@@ -311,7 +362,9 @@ class Scoring:
         return GenericPredictResponse(
             **encode_outputs(outputs, model.card.task),
             correlation_id=req.correlation_id or str(uuid.uuid4()),
-            model_name=model.name, model_version=model.version, latency_ms=_ms_since(started),
+            model_name=model.name,
+            model_version=model.version,
+            latency_ms=_ms_since(started),
         )
 
     # --- seed 004 -----------------------------------------------------------------------------
@@ -343,18 +396,20 @@ class Scoring:
         return body
 
 
-def _parse_item(schema: type, item: Mapping[str, Any], index: int) -> Any:
+def _parse_item(schema: type[BaseModel], item: Mapping[str, Any], index: int) -> Any:
     from pydantic import ValidationError
 
     try:
-        return schema.model_validate(item)  # type: ignore[attr-defined]
+        return schema.model_validate(item)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
         raise InvalidInput(f"requests[{index}].{field}: {first['msg']}") from None
 
 
-def columns_to_matrix(columns: Mapping[str, Sequence[float]], feature_names: Sequence[str]) -> np.ndarray:
+def columns_to_matrix(
+    columns: Mapping[str, Sequence[float]], feature_names: Sequence[str]
+) -> np.ndarray:
     """Seed 003's column-oriented `features` as a row matrix in the model's feature order."""
     missing = [f for f in feature_names if f not in columns]
     unknown = [f for f in columns if f not in feature_names]
@@ -364,7 +419,9 @@ def columns_to_matrix(columns: Mapping[str, Sequence[float]], feature_names: Seq
             parts.append(f"missing {', '.join(missing)}")
         if unknown:
             parts.append(f"unknown {', '.join(unknown)}")
-        raise InvalidInput(f"features: {'; '.join(parts)} (model expects {', '.join(feature_names)})")
+        raise InvalidInput(
+            f"features: {'; '.join(parts)} (model expects {', '.join(feature_names)})"
+        )
     lengths = {len(columns[f]) for f in feature_names}
     if len(lengths) != 1 or 0 in lengths:
         raise InvalidInput("features: every feature needs the same, non-zero number of values")
@@ -379,7 +436,9 @@ def encode_outputs(outputs: np.ndarray, task: str) -> dict[str, Any]:
         return {
             "prediction": probs.argmax(axis=1).astype(int).tolist(),
             "confidence": np.round(probs.max(axis=1), 6).tolist(),
-            "probabilities": {f"class_{k}": np.round(probs[:, k], 6).tolist() for k in range(probs.shape[1])},
+            "probabilities": {
+                f"class_{k}": np.round(probs[:, k], 6).tolist() for k in range(probs.shape[1])
+            },
         }
     first = outputs if outputs.ndim == 1 else outputs[:, 0]
     return {"prediction": np.round(first, 6).tolist(), "confidence": [], "probabilities": {}}

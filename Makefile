@@ -1,0 +1,57 @@
+# Tiffin: two commands on a fresh machine, `make serve` and `make test`. Everything else is a helper.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PORT ?= 3000
+HOST ?= 0.0.0.0
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test setup redis-server train seed lint typecheck unit bench build clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+# Debian's redis-server, installed only when missing (tests start their own instances).
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
+# Trains or imports only what the model store lacks; MODEL_DIR (seed 000 layout) is imported too.
+train: setup
+	$(PY) -m models.train
+	@if [ -n "$${MODEL_DIR:-$${TIFFIN_MODEL_DIR:-}}" ]; then $(PY) -m models.importer "$${MODEL_DIR:-$$TIFFIN_MODEL_DIR}"; fi
+
+# Writes the generated entity history to Redis when REDIS_URL/REDIS_HOST is set.
+seed: setup
+	$(PY) -m models.seed_features
+
+serve: train seed
+	@echo "Tiffin serving on http://localhost:$(PORT)  (feature store: $${REDIS_URL:-$${REDIS_HOST:-embedded}})"
+	exec $(VENV)/bin/bentoml serve service:Tiffin --host $(HOST) --port $(PORT)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy tiffin runners models service.py bench
+
+test: setup redis-server lint typecheck
+	$(VENV)/bin/pytest -q
+
+bench: setup
+	$(PY) -m bench.load --duration 30 --concurrency 64
+
+build: train
+	$(VENV)/bin/bentoml build .
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
