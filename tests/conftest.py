@@ -1,0 +1,158 @@
+"""Shared fixtures: a private BentoML model store with really trained models, real redis-server
+instances, and a real `bentoml serve` process. Nothing here is mocked."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Must be set before anything imports bentoml: the store location is read once.
+BENTOML_HOME = tempfile.mkdtemp(prefix="tiffin-test-bentoml-")
+os.environ["BENTOML_HOME"] = BENTOML_HOME
+os.environ.setdefault("TIFFIN_TRAIN_ROWS", "6000")
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_ROWS = os.environ["TIFFIN_TRAIN_ROWS"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} not ready after {timeout}s")
+
+
+class RedisServer:
+    """A throwaway redis-server on a free loopback port."""
+
+    def __init__(self) -> None:
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server is not installed; `make test` installs it")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for(self._pings, 10, "redis-server")
+        return self
+
+    def _pings(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def model_store() -> str:
+    """Every default model, trained for real on generated data (smaller sets keep CI fast)."""
+    from models import train
+
+    assert train.main(["--rows", TRAIN_ROWS]) == 0
+    return BENTOML_HOME
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fresh_redis() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+class Served:
+    def __init__(self, url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.url = url
+        self.proc = proc
+        self.log = log
+
+
+def serve(env_overrides: dict[str, str], log_name: str) -> Served:
+    port = free_port()
+    log = Path(BENTOML_HOME, log_name)
+    env = {**os.environ, "BENTOML_HOME": BENTOML_HOME, "TIFFIN_WORKERS": "2", **env_overrides}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bentoml", "serve", "service:Tiffin", "--host", "127.0.0.1",
+         "--port", str(port)],
+        cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        import httpx
+
+        if proc.poll() is not None:
+            raise RuntimeError(f"bentoml serve exited:\n{log.read_text()[-3000:]}")
+        try:
+            return httpx.get(f"{url}/ready", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ready, 120, "bentoml serve")
+    return Served(url, proc, log)
+
+
+def stop(served: Served) -> None:
+    os.killpg(served.proc.pid, signal.SIGTERM)
+    try:
+        served.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(served.proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def seeded_redis(model_store: str) -> Iterator[RedisServer]:
+    """A Redis holding the generated feature snapshot, written by the project's seeding command."""
+    server = RedisServer().start()
+    subprocess.run(
+        [sys.executable, "-m", "models.seed_features", "--redis-url", server.url,
+         "--entities", "6000"],
+        cwd=REPO, check=True, capture_output=True,
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def tiffin(model_store: str, seeded_redis: RedisServer) -> Iterator[Served]:
+    """`bentoml serve service:Tiffin` with two workers, backed by the seeded Redis."""
+    served = serve({"REDIS_URL": seeded_redis.url}, "serve-redis.log")
+    yield served
+    stop(served)

@@ -1,0 +1,190 @@
+"""End to end: a real `bentoml serve` (two workers, in-process runners) over a seeded real Redis,
+called with the seeds' request bodies through `bentoml.SyncHTTPClient` and plain HTTP."""
+
+from __future__ import annotations
+
+import bentoml
+import httpx
+import pytest
+
+from tests import seed_bodies as seed
+from tests.conftest import Served
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def client(tiffin: Served):
+    with bentoml.SyncHTTPClient(tiffin.url, timeout=30) as c:
+        yield c
+
+
+def post(served: Served, path: str, body: object) -> httpx.Response:
+    return httpx.post(f"{served.url}{path}", json=body, timeout=30)
+
+
+def test_score_fraud_seed_example_has_every_seed_field(client) -> None:
+    out = client.score_fraud(**seed.CARD_FRAUD)
+    for field in ("fraud_score", "risk_level", "confidence", "recommended_action", "explanation",
+                  "top_risk_factors", "features_used", "latency_ms", "model_version",
+                  "feature_freshness_sec"):
+        assert field in out, field
+    assert 0.0 <= out["fraud_score"] <= 1.0
+    assert out["confidence"] == pytest.approx(max(out["fraud_score"], 1 - out["fraud_score"]), abs=1e-6)
+    assert out["features_used"] == 16
+    assert out["model_version"] == "v1.0"
+    assert out["features"] == {"source": "redis", "defaults_used": [], "degraded": False}
+    # the seeding command stamps records up to 300 s back; freshness is measured, not invented
+    assert 0 <= out["feature_freshness_sec"] <= 400
+
+
+def test_high_risk_merchant_raises_score_and_names_merchant_risk(client) -> None:
+    ordinary = client.score_fraud(**seed.CARD_FRAUD)
+    risky = client.score_fraud(**seed.CARD_FRAUD_HIGH_RISK)
+    assert risky["fraud_score"] > ordinary["fraud_score"]
+    assert risky["top_risk_factors"][0] == "merchant_risk"
+    assert risky["recommended_action"] in ("review", "decline")
+
+
+def test_unknown_card_falls_back_to_defaults_and_says_so(client) -> None:
+    out = client.score_fraud(card_id="card_never_seen", transaction_amount=42.0)
+    assert out["features"]["defaults_used"] == ["card:card_never_seen"]
+    assert out["feature_freshness_sec"] is None
+
+
+def test_personalization_seed_example(client) -> None:
+    out = client.score_personalization(**seed.PERSONALIZATION)
+    for field in ("relevance_score", "conversion_probability", "engagement_score", "user_segment",
+                  "behavioral_signals", "features_used", "latency_ms", "model_version"):
+        assert field in out, field
+    assert out["features_used"] == 12
+    assert all(0 <= out[k] <= 1 for k in ("relevance_score", "conversion_probability", "engagement_score"))
+    assert out["features"]["defaults_used"] == ["session:session_abc123"]
+
+
+def test_score_batch_seed_example(client) -> None:
+    out = client.score_batch(**seed.BATCH)
+    assert out["batch_id"] == "batch_20240902_001"
+    assert [r["card_id"] for r in out["results"]] == ["card_1", "card_2"]
+    single = client.score_fraud(card_id="card_2", transaction_amount=500)
+    assert out["results"][1]["fraud_score"] == pytest.approx(single["fraud_score"], abs=1e-6)
+
+
+def test_seed_000_endpoints(client) -> None:
+    fraud = client.predict_fraud(**seed.AD_FRAUD)
+    assert 0 <= fraud["fraud_probability"] <= 1 and fraud["model_version"] == "1.0.0"
+    ctr = client.predict_ctr(**seed.CTR)
+    assert 0 < ctr["predicted_ctr"] < 1
+    bid = client.predict_bid(**seed.BID)
+    assert bid["recommended_bid_cpm"] >= seed.BID["floor_cpm"]
+
+
+def test_generic_predict_and_batch(client, tiffin: Served) -> None:
+    out = client.predict(**seed.GENERIC)
+    assert out["correlation_id"] == "test-123"
+    assert len(out["prediction"]) == 3 and set(out["probabilities"]) == {"class_0", "class_1"}
+    for p0, p1 in zip(out["probabilities"]["class_0"], out["probabilities"]["class_1"], strict=True):
+        assert p0 + p1 == pytest.approx(1.0, abs=1e-5)
+    batch = post(tiffin, "/predict/batch", {"requests": [seed.GENERIC, seed.GENERIC], "batch_size": 10})
+    assert batch.status_code == 200 and len(batch.json()) == 2
+
+
+def test_generic_predict_reaches_family_models(client) -> None:
+    features = {name: [1.0] for name in client_feature_names(client, "card_fraud")}
+    out = client.predict(model_name="card_fraud", features=features)
+    assert out["model_version"] == "v1.0" and len(out["prediction"]) == 1
+
+
+def client_feature_names(client, name: str) -> list[str]:
+    from tiffin.featurize import CARD_FRAUD_FEATURES
+
+    assert name == "card_fraud"
+    return list(CARD_FRAUD_FEATURES)
+
+
+def test_v1_models_predict_by_version(tiffin: Served) -> None:
+    quantized = post(tiffin, "/v1/models/predict", seed.V1_PREDICT).json()
+    assert quantized["model_version"] == "v2-quantized" and quantized["predictions"] == ["setosa"]
+    default = post(tiffin, "/v1/models/predict", {"instances": [[6.7, 3.0, 5.8, 2.2]]}).json()
+    assert default["model_version"] == "v1" and default["predictions"] == ["virginica"]
+    listing = httpx.get(f"{tiffin.url}/v1/models").json()["models"]
+    species = next(m for m in listing if m["name"] == "species_classifier")
+    assert set(species["versions"]) == {"v1", "v2", "v2-quantized"}
+
+
+def test_health_ready_models(tiffin: Served) -> None:
+    health = httpx.get(f"{tiffin.url}/health").json()
+    assert health["status"] == "ok"
+    assert health["models_loaded"] >= 7 and health["uptime_seconds"] > 0
+    assert health["components"]["feature_store"]["backend"] == "redis"
+    assert httpx.get(f"{tiffin.url}/ready").status_code == 200
+    for probe in ("/livez", "/readyz"):
+        assert httpx.get(f"{tiffin.url}{probe}").status_code == 200
+    models = httpx.get(f"{tiffin.url}/models").json()["models"]
+    card = next(m for m in models if m["name"] == "card_fraud")
+    version = card["versions"][0]
+    assert version["feature_names"][0] == "transaction_amount" and version["metrics"]["auc"] > 0.7
+    assert version["state"] == "loaded"
+    assert httpx.get(f"{tiffin.url}/models/card_fraud").json()["name"] == "card_fraud"
+
+
+def test_metrics_are_labelled_by_model_and_version(tiffin: Served, client) -> None:
+    for _ in range(6):  # several requests so both workers have served some
+        client.score_fraud(**seed.CARD_FRAUD)
+    text = httpx.get(f"{tiffin.url}/metrics").text
+    for name in ("ml_inference_requests_total", "ml_inference_duration_seconds_bucket",
+                 "ml_model_load_time_seconds", "ml_active_models",
+                 "feature_fetch_duration_seconds_bucket", "prediction_scores_bucket"):
+        assert f'{name}{{' in text, name
+    assert 'ml_inference_requests_total{model="card_fraud",status="success",version="v1.0"}' in text
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "names"),
+    [
+        ("/score/fraud", {"card_id": "c"}, 400, "transaction_amount"),
+        ("/score/fraud", {"card_id": "c", "transaction_amount": -1}, 400, "transaction_amount"),
+        ("/score/fraud", {"card_id": "c", "transaction_amount": "x"}, 400, "transaction_amount"),
+        ("/score/fraud", {"card_id": "c", "transaction_amount": 5, "mcc_code": "54"}, 400, "mcc_code"),
+        ("/predict", {"model_name": "nope", "features": {"a": [1]}}, 404, "nope"),
+        ("/predict", {**seed.GENERIC, "version": "9.9"}, 404, "9.9"),
+        ("/predict", {"model_name": "your_model", "features": {"feature1": [1]}}, 422, "feature2"),
+        ("/predict", {"model_name": "your_model", "features": {"feature1": [1], "feature2": [1, 2]}},
+         422, "features"),
+        ("/score/batch", {"model_type": "fraud_detection", "requests": []}, 400, "requests"),
+        ("/score/batch", {"model_type": "fraud_detection", "requests": [{"card_id": "c"}] * 5000},
+         400, "requests"),
+        ("/score/batch", {"model_type": "fraud_detection",
+                          "requests": [{"card_id": "c", "transaction_amount": 1}, {"card_id": "d"}]},
+         422, "requests[1].transaction_amount"),
+        ("/score/batch", {"model_type": "weather", "requests": [{}]}, 400, "model_type"),
+        ("/v1/models/predict", {"instances": [[1, 2]]}, 422, "instances"),
+        ("/v1/models/predict", {"instances": [[1, 2, 3, 4]], "version": "v9"}, 404, "v9"),
+        ("/predict/ctr", {**seed.CTR, "ad_format": "hologram"}, 400, "ad_format"),
+        ("/predict/fraud", {**seed.AD_FRAUD, "ip_address": "999.1.1.1"}, 400, "ip_address"),
+        ("/predict/bid", {**seed.BID, "competition_level": "fierce"}, 400, "competition_level"),
+    ],
+)
+def test_bad_input_gets_a_4xx_naming_the_problem(tiffin: Served, path, body, status, names) -> None:
+    response = post(tiffin, path, body)
+    assert response.status_code == status, response.text
+    assert names in response.json()["error"]
+
+
+def test_non_json_body_is_a_400(tiffin: Served) -> None:
+    response = httpx.post(f"{tiffin.url}/score/fraud", content=b"{not json",
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert "JSON" in response.json()["error"]
+
+
+def test_redis_outage_degrades_instead_of_failing(client, tiffin: Served, seeded_redis) -> None:
+    """Runs last in this module: it stops the module's Redis."""
+    seeded_redis.stop()
+    out = client.score_fraud(**seed.CARD_FRAUD)
+    assert out["features"]["degraded"] is True
+    assert out["features"]["defaults_used"] == ["card:card_00001234", "merchant:merchant_12345"]
+    assert out["feature_freshness_sec"] is None
+    health = httpx.get(f"{tiffin.url}/health").json()
+    assert health["status"] == "degraded"
+    assert health["components"]["feature_store"]["status"] in ("down", "degraded")
