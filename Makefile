@@ -47,8 +47,9 @@ typecheck: setup
 test: setup redis-server lint typecheck
 	$(VENV)/bin/pytest -q
 
-bench: setup
-	$(PY) -m bench.load --duration 30 --concurrency 64
+bench: setup redis-server train
+	$(PY) -m bench.engines
+	$(PY) -m bench.load --duration 30 --concurrency 64 --path /score/fraud --path /predict/fraud --path /v1/models/predict
 
 build: train
 	$(VENV)/bin/bentoml build .
