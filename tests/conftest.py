@@ -51,9 +51,19 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_for(self._pings, 10, "redis-server")
         return self
@@ -108,9 +118,21 @@ def serve(env_overrides: dict[str, str], log_name: str) -> Served:
     log = Path(BENTOML_HOME, log_name)
     env = {**os.environ, "BENTOML_HOME": BENTOML_HOME, "TIFFIN_WORKERS": "2", **env_overrides}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "service:Tiffin", "--host", "127.0.0.1",
-         "--port", str(port)],
-        cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "serve",
+            "service:Tiffin",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -142,9 +164,18 @@ def seeded_redis(model_store: str) -> Iterator[RedisServer]:
     """A Redis holding the generated feature snapshot, written by the project's seeding command."""
     server = RedisServer().start()
     subprocess.run(
-        [sys.executable, "-m", "models.seed_features", "--redis-url", server.url,
-         "--entities", "6000"],
-        cwd=REPO, check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "models.seed_features",
+            "--redis-url",
+            server.url,
+            "--entities",
+            "6000",
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
     )
     yield server
     server.stop()

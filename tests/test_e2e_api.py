@@ -25,12 +25,23 @@ def post(served: Served, path: str, body: object) -> httpx.Response:
 
 def test_score_fraud_seed_example_has_every_seed_field(client) -> None:
     out = client.score_fraud(**seed.CARD_FRAUD)
-    for field in ("fraud_score", "risk_level", "confidence", "recommended_action", "explanation",
-                  "top_risk_factors", "features_used", "latency_ms", "model_version",
-                  "feature_freshness_sec"):
+    for field in (
+        "fraud_score",
+        "risk_level",
+        "confidence",
+        "recommended_action",
+        "explanation",
+        "top_risk_factors",
+        "features_used",
+        "latency_ms",
+        "model_version",
+        "feature_freshness_sec",
+    ):
         assert field in out, field
     assert 0.0 <= out["fraud_score"] <= 1.0
-    assert out["confidence"] == pytest.approx(max(out["fraud_score"], 1 - out["fraud_score"]), abs=1e-6)
+    assert out["confidence"] == pytest.approx(
+        max(out["fraud_score"], 1 - out["fraud_score"]), abs=1e-6
+    )
     assert out["features_used"] == 16
     assert out["model_version"] == "v1.0"
     assert out["features"] == {"source": "redis", "defaults_used": [], "degraded": False}
@@ -54,11 +65,21 @@ def test_unknown_card_falls_back_to_defaults_and_says_so(client) -> None:
 
 def test_personalization_seed_example(client) -> None:
     out = client.score_personalization(**seed.PERSONALIZATION)
-    for field in ("relevance_score", "conversion_probability", "engagement_score", "user_segment",
-                  "behavioral_signals", "features_used", "latency_ms", "model_version"):
+    for field in (
+        "relevance_score",
+        "conversion_probability",
+        "engagement_score",
+        "user_segment",
+        "behavioral_signals",
+        "features_used",
+        "latency_ms",
+        "model_version",
+    ):
         assert field in out, field
     assert out["features_used"] == 12
-    assert all(0 <= out[k] <= 1 for k in ("relevance_score", "conversion_probability", "engagement_score"))
+    assert all(
+        0 <= out[k] <= 1 for k in ("relevance_score", "conversion_probability", "engagement_score")
+    )
     assert out["features"]["defaults_used"] == ["session:session_abc123"]
 
 
@@ -83,9 +104,13 @@ def test_generic_predict_and_batch(client, tiffin: Served) -> None:
     out = client.predict(**seed.GENERIC)
     assert out["correlation_id"] == "test-123"
     assert len(out["prediction"]) == 3 and set(out["probabilities"]) == {"class_0", "class_1"}
-    for p0, p1 in zip(out["probabilities"]["class_0"], out["probabilities"]["class_1"], strict=True):
+    for p0, p1 in zip(
+        out["probabilities"]["class_0"], out["probabilities"]["class_1"], strict=True
+    ):
         assert p0 + p1 == pytest.approx(1.0, abs=1e-5)
-    batch = post(tiffin, "/predict/batch", {"requests": [seed.GENERIC, seed.GENERIC], "batch_size": 10})
+    batch = post(
+        tiffin, "/predict/batch", {"requests": [seed.GENERIC, seed.GENERIC], "batch_size": 10}
+    )
     assert batch.status_code == 200 and len(batch.json()) == 2
 
 
@@ -132,10 +157,15 @@ def test_metrics_are_labelled_by_model_and_version(tiffin: Served, client) -> No
     for _ in range(6):  # several requests so both workers have served some
         client.score_fraud(**seed.CARD_FRAUD)
     text = httpx.get(f"{tiffin.url}/metrics").text
-    for name in ("ml_inference_requests_total", "ml_inference_duration_seconds_bucket",
-                 "ml_model_load_time_seconds", "ml_active_models",
-                 "feature_fetch_duration_seconds_bucket", "prediction_scores_bucket"):
-        assert f'{name}{{' in text, name
+    for name in (
+        "ml_inference_requests_total",
+        "ml_inference_duration_seconds_bucket",
+        "ml_model_load_time_seconds",
+        "ml_active_models",
+        "feature_fetch_duration_seconds_bucket",
+        "prediction_scores_bucket",
+    ):
+        assert f"{name}{{" in text, name
     assert 'ml_inference_requests_total{model="card_fraud",status="success",version="v1.0"}' in text
 
 
@@ -145,18 +175,37 @@ def test_metrics_are_labelled_by_model_and_version(tiffin: Served, client) -> No
         ("/score/fraud", {"card_id": "c"}, 400, "transaction_amount"),
         ("/score/fraud", {"card_id": "c", "transaction_amount": -1}, 400, "transaction_amount"),
         ("/score/fraud", {"card_id": "c", "transaction_amount": "x"}, 400, "transaction_amount"),
-        ("/score/fraud", {"card_id": "c", "transaction_amount": 5, "mcc_code": "54"}, 400, "mcc_code"),
+        (
+            "/score/fraud",
+            {"card_id": "c", "transaction_amount": 5, "mcc_code": "54"},
+            400,
+            "mcc_code",
+        ),
         ("/predict", {"model_name": "nope", "features": {"a": [1]}}, 404, "nope"),
         ("/predict", {**seed.GENERIC, "version": "9.9"}, 404, "9.9"),
         ("/predict", {"model_name": "your_model", "features": {"feature1": [1]}}, 422, "feature2"),
-        ("/predict", {"model_name": "your_model", "features": {"feature1": [1], "feature2": [1, 2]}},
-         422, "features"),
+        (
+            "/predict",
+            {"model_name": "your_model", "features": {"feature1": [1], "feature2": [1, 2]}},
+            422,
+            "features",
+        ),
         ("/score/batch", {"model_type": "fraud_detection", "requests": []}, 400, "requests"),
-        ("/score/batch", {"model_type": "fraud_detection", "requests": [{"card_id": "c"}] * 5000},
-         400, "requests"),
-        ("/score/batch", {"model_type": "fraud_detection",
-                          "requests": [{"card_id": "c", "transaction_amount": 1}, {"card_id": "d"}]},
-         422, "requests[1].transaction_amount"),
+        (
+            "/score/batch",
+            {"model_type": "fraud_detection", "requests": [{"card_id": "c"}] * 5000},
+            400,
+            "requests",
+        ),
+        (
+            "/score/batch",
+            {
+                "model_type": "fraud_detection",
+                "requests": [{"card_id": "c", "transaction_amount": 1}, {"card_id": "d"}],
+            },
+            422,
+            "requests[1].transaction_amount",
+        ),
         ("/score/batch", {"model_type": "weather", "requests": [{}]}, 400, "model_type"),
         ("/v1/models/predict", {"instances": [[1, 2]]}, 422, "instances"),
         ("/v1/models/predict", {"instances": [[1, 2, 3, 4]], "version": "v9"}, 404, "v9"),
@@ -172,8 +221,11 @@ def test_bad_input_gets_a_4xx_naming_the_problem(tiffin: Served, path, body, sta
 
 
 def test_non_json_body_is_a_400(tiffin: Served) -> None:
-    response = httpx.post(f"{tiffin.url}/score/fraud", content=b"{not json",
-                          headers={"content-type": "application/json"})
+    response = httpx.post(
+        f"{tiffin.url}/score/fraud",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
     assert response.status_code == 400
     assert "JSON" in response.json()["error"]
 
