@@ -269,12 +269,7 @@ def card_fraud_row(req: Mapping[str, Any], card: Vector, merchant: Vector) -> li
 
 
 PERSONALIZATION_FEATURES = (
-    "sessions_7d",
-    "avg_pages_per_session",
-    "purchases_30d",
-    "avg_order_value",
-    "days_since_last_visit",
-    "engagement_rate",
+    *USER.fields[:6],  # the user's activity aggregates, as stored
     "category_affinity",
     "item_price",
     "price_to_aov_ratio",
