@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import bentoml
 import numpy as np
 from pydantic import ValidationError
 
@@ -111,6 +112,14 @@ def import_version(
     force: bool = False,
 ) -> str:
     """Check one version completely, then save it; on ModelLoadError nothing is saved."""
+    try:
+        bentoml.Tag(name, version)
+    except ValueError as exc:
+        raise ModelLoadError(
+            f"{name}:{version} is not a valid model name and version: {exc}"
+        ) from exc
+    if not isinstance(metadata, dict):
+        raise ModelLoadError("metadata.json must be a JSON object")
     if model_store.exists(name, version) and not force:
         raise ModelLoadError(f"{name}:{version} is already in the model store")
     card = _card_from(metadata, name, artifacts)
@@ -129,15 +138,15 @@ def import_version(
     if onnx_blob is not None:
         artifacts = {**artifacts, "model.onnx": onnx_blob}
     if force and model_store.exists(name, version):
-        import bentoml
-
         bentoml.models.delete(f"{name}:{version}")
     return str(model_store.save(name, version, artifacts, card))
 
 
 def import_directory(root: Path, force: bool = False) -> list[str]:
     """Import every `<root>/<name>/<version>/` found; stops at the first broken one."""
-    tags = []
+    if not root.is_dir():
+        raise ModelLoadError(f"{root} is not a directory")
+    tags: list[str] = []
     for version_dir in sorted(p for p in root.glob("*/*") if p.is_dir()):
         name, version = version_dir.parent.name, version_dir.name
         meta_path = version_dir / "metadata.json"
@@ -149,7 +158,11 @@ def import_directory(root: Path, force: bool = False) -> list[str]:
             raise ModelLoadError(f"{meta_path} is not valid JSON: {exc}") from exc
         if model_store.exists(name, version) and not force:
             continue
-        tags.append(import_version(name, version, _artifacts_in(version_dir), metadata, force))
+        try:
+            tags.append(import_version(name, version, _artifacts_in(version_dir), metadata, force))
+        except ModelLoadError as exc:
+            done = f"; imported before it: {', '.join(tags)}" if tags else "; nothing was saved"
+            raise ModelLoadError(f"{name}:{version}: {exc}{done}") from exc
     return tags
 
 
@@ -174,13 +187,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise ModelLoadError(
                     f"{args.file.name}: expected .onnx, .json (XGBoost) or .txt (LightGBM)"
                 )
-            metadata = {"feature_names": args.features.split(","), "task": args.task}
+            names = [f.strip() for f in args.features.split(",")]
+            metadata = {"feature_names": names, "task": args.task}
             artifacts = {suffix_to_file[args.file.suffix]: args.file.read_bytes()}
             tags = [import_version(args.name, args.version, artifacts, metadata, args.force)]
         else:
             parser.error("give a DIRECTORY, or --file with --name, --version and --features")
     except ModelLoadError as exc:
-        print(f"import failed, nothing saved: {exc}", file=sys.stderr)
+        print(f"import failed: {exc}", file=sys.stderr)
         return 2
     for tag in tags:
         print(f"imported {tag}")

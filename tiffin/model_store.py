@@ -74,7 +74,7 @@ def save(
 def exists(name: str, version: str) -> bool:
     try:
         bentoml.models.get(bentoml.Tag(name, version))
-    except bentoml.exceptions.NotFound:
+    except (bentoml.exceptions.NotFound, ValueError):  # ValueError: not a valid tag at all
         return False
     return True
 

@@ -172,13 +172,15 @@ def load_artifacts(name: str, version: str, directory: Path, card: ModelCard) ->
     verify_checksums(directory, card)
     native: XGBoostPredictor | LightGBMPredictor | None = None
     native_classes: dict[str, Any] = _NATIVE
+    # Only artifacts the card vouches for are loaded: a file dropped in later is ignored.
+    vouched = set(card.checksums) if card.checksums else None
     for framework, cls in native_classes.items():
         path = directory / ARTIFACT_FILES[framework]
-        if path.exists():
+        if path.exists() and (vouched is None or path.name in vouched):
             native = cls(card.task).load(path)
     onnx_path = directory / ARTIFACT_FILES["onnx"]
     predictor: Predictor
-    if onnx_path.exists():
+    if onnx_path.exists() and (vouched is None or onnx_path.name in vouched):
         predictor = OnnxPredictor(card.task).load(onnx_path)
     elif native is not None:
         predictor = native
