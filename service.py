@@ -17,16 +17,21 @@ from runners.card_fraud import CardFraudRunner
 from runners.ctr import CtrRunner
 from runners.generic import GenericRunner
 from runners.personalization import PersonalizationRunner
-from tiffin import ops, schemas
+from tiffin import admin, ops, schemas
+from tiffin.auth import auth_settings, check_startup
 from tiffin.feature_store import EmbeddedFeatureStore, open_store
 from tiffin.http_errors import ClientErrorMiddleware
-from tiffin.runner_client import RunnerClient
+from tiffin.lifecycle import LifecycleManager
+from tiffin.model_pool import ModelPool
 from tiffin.scoring import Scoring
 from tiffin.settings import feature_store_settings, model_settings, server_settings
 from tiffin.topology import serve_runners_in_process
+from tiffin.traffic import TrafficSettings, open_backend
 
 SERVER = server_settings()
 logging.getLogger("tiffin").setLevel(SERVER.log_level)
+check_startup(auth_settings(), SERVER.environment)
+ops.app.router.routes.extend(admin.routes)
 
 
 def _fill_embedded(store: EmbeddedFeatureStore) -> None:
@@ -55,17 +60,24 @@ class Tiffin:
         store = open_store(feature_store_settings())
         if isinstance(store, EmbeddedFeatureStore):
             _fill_embedded(store)
-        runners = {
-            "card_fraud": RunnerClient(self.card_fraud),
-            "personalization": RunnerClient(self.personalization),
-            "fraud_detection": RunnerClient(self.ad_fraud),
-            "ctr_prediction": RunnerClient(self.ctr),
-            "bid_optimization": RunnerClient(self.bid),
+        family_pools = {
+            runner.pool.family: runner.pool
+            for runner in (self.card_fraud, self.personalization, self.ad_fraud, self.ctr, self.bid)
         }
-        self.scoring = Scoring(runners, self.generic.pool, store, model_settings().v1_model)
+
+        def pool_of(family: str) -> ModelPool:
+            return family_pools.get(family) or self.generic.pool(family)
+
+        traffic = TrafficSettings()
+        backend = open_backend(feature_store_settings().resolved_url(), traffic)
+        lifecycle = LifecycleManager(pool_of, backend, traffic).start()
+        v1_model = model_settings().v1_model
+        self.scoring = Scoring(pool_of, store, v1_model, lifecycle)
+        admin.context.lifecycle, admin.context.v1_model = lifecycle, v1_model
         ops.state.store = store
+        ops.state.lifecycle = lifecycle
         ops.state.loaded_versions = lambda: {
-            **{name: client.describe() for name, client in runners.items()},
+            **{name: pool.describe() for name, pool in family_pools.items()},
             **self.generic.versions(),
         }
 
@@ -130,5 +142,4 @@ class Tiffin:
 
 
 Tiffin.add_asgi_middleware(ClientErrorMiddleware)  # type: ignore[attr-defined]
-if SERVER.runner_topology == "in-process":
-    serve_runners_in_process(Tiffin)
+serve_runners_in_process(Tiffin)

@@ -152,7 +152,12 @@ def serve(env_overrides: dict[str, str], log_name: str) -> Served:
 
 
 def stop(served: Served) -> None:
-    os.killpg(served.proc.pid, signal.SIGTERM)
+    if served.proc.poll() is not None:
+        return
+    try:
+        os.killpg(served.proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
     try:
         served.proc.wait(20)
     except subprocess.TimeoutExpired:

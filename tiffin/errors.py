@@ -35,3 +35,9 @@ class ModelLoadError(TiffinError):
     """An artifact that cannot be loaded or does not match its declared schema."""
 
     error_code = HTTPStatus.UNPROCESSABLE_ENTITY
+
+
+class ModelUnavailable(TiffinError):
+    """The model cannot answer right now (every eligible version failed)."""
+
+    error_code = HTTPStatus.SERVICE_UNAVAILABLE

@@ -72,6 +72,20 @@ class ModelPool:
             )
             return loaded
 
+    def reload_loaded(self) -> None:
+        """Re-read every loaded version from the store; a version that fails keeps serving as is."""
+        for version in list(self._loaded):
+            stored = model_store.get(self.family, version)
+            try:
+                fresh = load_artifacts(
+                    self.family, version, Path(stored.path), model_store.card_of(stored)
+                )
+            except ModelLoadError as exc:
+                self.failed[version] = f"reload failed, previous copy kept serving: {exc}"
+                continue
+            self._loaded[version] = fresh
+            log.info("reloaded %s:%s", self.family, version)
+
     def get(self, version: str | None = None) -> LoadedModel:
         """The requested version (loaded from the store on first use) or the serving default."""
         version = version or self.default_version

@@ -34,6 +34,7 @@ class OpsState:
     store: FeatureStore | None = None
     loaded_versions: Callable[[], dict[str, list[dict[str, Any]]]] | None = None
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
+    lifecycle: Any = None  # tiffin.lifecycle.LifecycleManager, bound by the entry service
 
 
 state = OpsState()
@@ -48,6 +49,12 @@ async def health(_: Request) -> Response:
     components: dict[str, dict[str, Any]] = {"models": {"status": "ok" if loaded else "down"}}
     if state.store is not None:
         components["feature_store"] = await state.store.status()
+    if state.lifecycle is not None:
+        components["traffic"] = {
+            "status": "ok",
+            "backend": state.lifecycle.backend.kind,
+            "revision": state.lifecycle.applied_revision,
+        }
     components.update(state.components)
     statuses = {c.get("status") for c in components.values()}
     overall = "ok" if statuses <= {"ok", "disabled"} else "degraded"
@@ -79,10 +86,20 @@ def _catalogue(name: str | None = None) -> dict[str, dict[str, Any]]:
             continue
         entry = out.setdefault(model.tag.name, {"name": model.tag.name, "versions": []})
         states = {v["version"]: v for v in loaded.get(model.tag.name, [])}
-        version_state = states.get(model.tag.version or "", {"state": "available"})
+        version = model.tag.version or ""
+        version_state = dict(states.get(version, {"state": "available"}))
+        if state.lifecycle is not None:
+            weights = state.lifecycle.weights(model.tag.name)
+            version_state["serving_weight"] = weights.get(version, 0)
+            version_state["shadow"] = version in state.lifecycle.shadows(model.tag.name)
+            failure = state.lifecycle.load_failures.get(f"{model.tag.name}:{version}")
+            if failure and version_state["state"] != "loaded":
+                version_state.update(state="failed", reason=failure)
+            if version_state["serving_weight"] == max(weights.values(), default=0) > 0:
+                entry["serving_version"] = version
+        elif version_state.get("default"):
+            entry["serving_version"] = version
         entry["versions"].append({**model_store.describe(model), **version_state})
-        if version_state.get("default"):
-            entry["serving_version"] = model.tag.version
     return out
 
 

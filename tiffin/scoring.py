@@ -7,21 +7,25 @@ real models and a real Redis without starting a server.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import anyio
 import numpy as np
 from pydantic import BaseModel
 
 from tiffin import featurize as fz
-from tiffin.errors import InvalidInput, ModelNotFound
+from tiffin.errors import InvalidInput, ModelNotFound, ModelUnavailable
 from tiffin.feature_store import EntityLookup, FeatureStore
+from tiffin.lifecycle import LifecycleManager
 from tiffin.metrics import metrics
 from tiffin.model_pool import ModelPool
-from tiffin.runner_client import RunnerClient
+from tiffin.runtimes import LoadedModel
 from tiffin.schemas import (
     AdFraudRequest,
     AdFraudResponse,
@@ -41,6 +45,7 @@ from tiffin.schemas import (
 
 RiskLevel = Literal["low", "medium", "high"]
 Action = Literal["approve", "review", "decline"]
+log = logging.getLogger("tiffin.scoring")
 FRAUD_FAMILIES = {"fraud_detection", "fraud", "card_fraud"}
 
 
@@ -153,17 +158,69 @@ class Observation:
 
 
 class Scoring:
+    """Every endpoint's logic. `pool_of(name)` resolves a model family to its loaded versions;
+    `lifecycle`, when given, routes each request to a version (splits, canaries, A/B, shadows)."""
+
     def __init__(
         self,
-        runners: Mapping[str, RunnerClient],
-        generic_pool: Callable[[str], ModelPool],
+        pool_of: Callable[[str], ModelPool],
         store: FeatureStore,
         v1_model: str,
+        lifecycle: LifecycleManager | None = None,
     ) -> None:
-        self.runners = dict(runners)
-        self.generic_pool = generic_pool
+        self.pool_of = pool_of
         self.store = store
         self.v1_model = v1_model
+        self.lifecycle = lifecycle
+
+    # --- routing ------------------------------------------------------------------------------
+
+    def _model(self, family: str, entity: str | None, pinned: str | None = None) -> LoadedModel:
+        """The version this request goes to: pinned, else routed, else the family's default."""
+        version = pinned or (self.lifecycle.choose(family, entity) if self.lifecycle else None)
+        return self.pool_of(family).get(version)
+
+    def _infer(
+        self, model: LoadedModel, x: np.ndarray, started: float, pinned: bool = False
+    ) -> tuple[LoadedModel, np.ndarray, Observation]:
+        """Predict; a version that raises or returns non-finite scores is recorded as failing and
+        the request is answered by the stable version instead (unless the client pinned it)."""
+        obs = Observation(model.name, model.version, started)
+        try:
+            return model, _finite(model.predict(x), model), obs
+        except InvalidInput:
+            raise
+        except Exception as exc:
+            obs.failed("predict")
+            log.warning("%s:%s failed a prediction: %s", model.name, model.version, exc)
+            pool = self.pool_of(model.name)
+            stable = (self.lifecycle.stable(model.name) if self.lifecycle else None) or (
+                pool.default_version
+            )
+            if pinned or stable == model.version:
+                raise ModelUnavailable(f"model {model.name}:{model.version} failed: {exc}") from exc
+            fallback = pool.get(stable)
+            obs = Observation(fallback.name, fallback.version, started)
+            return fallback, _finite(fallback.predict(x), fallback), obs
+        finally:
+            self._mirror(model.name, x)
+
+    def _mirror(self, family: str, x: np.ndarray) -> None:
+        """Shadow versions score a copy of the request after it is answered; never returned."""
+        if self.lifecycle is None:
+            return
+        for version in self.lifecycle.shadows(family):
+            asyncio.get_running_loop().call_soon(self._shadow, family, version, x)
+
+    def _shadow(self, family: str, version: str, x: np.ndarray) -> None:
+        obs = Observation(family, version, time.perf_counter())
+        try:
+            model = self.pool_of(family).get(version)
+            scores = _finite(model.predict(x), model)
+        except Exception:
+            obs.failed("shadow")
+            return
+        obs.done(_score_sample(scores, model))
 
     # --- feature store ------------------------------------------------------------------------
 
@@ -180,36 +237,41 @@ class Scoring:
     # --- seed 000 -----------------------------------------------------------------------------
 
     async def ad_fraud(self, req: AdFraudRequest) -> AdFraudResponse:
-        runner = self.runners["fraud_detection"]
-        obs = Observation(runner.family, runner.version(), time.perf_counter())
-        score = float((await runner.predict(fz.to_matrix([fz.ad_fraud_row(req.__dict__)])))[0])
+        started = time.perf_counter()
+        x = fz.to_matrix([fz.ad_fraud_row(req.__dict__)])
+        model, scores, obs = self._infer(self._model("fraud_detection", req.user_id), x, started)
+        score = float(scores[0])
         level, _ = risk_band(score)
-        obs.done([score])
+        obs.done(scores)
         return AdFraudResponse(
             user_id=req.user_id,
             fraud_probability=round(score, 6),
             is_fraud=score >= 0.5,
             risk_level=level,
-            model_version=obs.version,
-            latency_ms=_ms_since(obs.started),
+            model_version=model.version,
+            latency_ms=_ms_since(started),
         )
 
     async def ctr(self, req: CtrRequest) -> CtrResponse:
-        runner = self.runners["ctr_prediction"]
-        obs = Observation(runner.family, runner.version(), time.perf_counter())
-        score = float((await runner.predict(fz.to_matrix([fz.ctr_row(req.__dict__)])))[0])
-        obs.done([score])
+        started = time.perf_counter()
+        x = fz.to_matrix([fz.ctr_row(req.__dict__)])
+        model, scores, obs = self._infer(
+            self._model("ctr_prediction", req.placement_id), x, started
+        )
+        obs.done(scores)
         return CtrResponse(
             placement_id=req.placement_id,
-            predicted_ctr=round(score, 6),
-            model_version=obs.version,
-            latency_ms=_ms_since(obs.started),
+            predicted_ctr=round(float(scores[0]), 6),
+            model_version=model.version,
+            latency_ms=_ms_since(started),
         )
 
     async def bid(self, req: BidRequest) -> BidResponse:
-        runner = self.runners["bid_optimization"]
-        obs = Observation(runner.family, runner.version(), time.perf_counter())
-        optimal = float((await runner.predict(fz.to_matrix([fz.bid_row(req.__dict__)])))[0])
+        started = time.perf_counter()
+        x = fz.to_matrix([fz.bid_row(req.__dict__)])
+        chosen = self._model("bid_optimization", req.placement_id)
+        model, values, obs = self._infer(chosen, x, started)
+        optimal = float(values[0])
         bid = max(optimal, req.floor_cpm)
         affordable = req.budget_remaining >= bid / 1000  # one impression at this CPM
         if not affordable:
@@ -225,21 +287,21 @@ class Scoring:
             floor_cpm=req.floor_cpm,
             should_bid=affordable,
             reason=reason,
-            model_version=obs.version,
-            latency_ms=_ms_since(obs.started),
+            model_version=model.version,
+            latency_ms=_ms_since(started),
         )
 
     # --- seed 001 -----------------------------------------------------------------------------
 
     async def card_fraud_many(
-        self, reqs: Sequence[CardFraudRequest]
+        self, reqs: Sequence[CardFraudRequest], pinned: str | None = None
     ) -> tuple[str, list[CardFraudResponse]]:
-        runner = self.runners["card_fraud"]
-        obs = Observation(runner.family, runner.version(), time.perf_counter())
+        started = time.perf_counter()
+        chosen = self._model("card_fraud", reqs[0].card_id, pinned)
         wanted: list[tuple[str, str | None]] = []
         for r in reqs:
             wanted += [("card", r.card_id), ("merchant", r.merchant_id)]
-        lookups = await self._fetch(obs.model, obs.version, wanted)
+        lookups = await self._fetch(chosen.name, chosen.version, wanted)
         now = time.time()
         x = fz.to_matrix(
             [
@@ -247,8 +309,8 @@ class Scoring:
                 for i, r in enumerate(reqs)
             ]
         )
-        scores = await runner.predict(x)
-        contributions = await runner.contributions(x)
+        model, scores, obs = self._infer(chosen, x, started, pinned=pinned is not None)
+        contributions = await _contributions(model, x)
         names = fz.CARD_FRAUD_FEATURES
         results = []
         for i, r in enumerate(reqs):
@@ -265,34 +327,37 @@ class Scoring:
                     explanation=explain_fraud(level, factors),
                     top_risk_factors=factors,
                     features_used=len(names),
-                    latency_ms=_ms_since(obs.started),
-                    model_version=obs.version,
+                    latency_ms=_ms_since(started),
+                    model_version=model.version,
                     feature_freshness_sec=_freshness(pair, now),
                     card_id=r.card_id,
                     features=_feature_status(self.store, pair),
                 )
             )
         obs.done(scores)
-        return obs.version, results
+        return model.version, results
 
     async def card_fraud(self, req: CardFraudRequest) -> CardFraudResponse:
         return (await self.card_fraud_many([req]))[1][0]
 
     async def personalization_many(
-        self, reqs: Sequence[PersonalizationRequest]
+        self, reqs: Sequence[PersonalizationRequest], pinned: str | None = None
     ) -> tuple[str, list[PersonalizationResponse]]:
-        runner = self.runners["personalization"]
-        obs = Observation(runner.family, runner.version(), time.perf_counter())
+        started = time.perf_counter()
+        chosen = self._model("personalization", reqs[0].user_id, pinned)
         wanted: list[tuple[str, str | None]] = []
         for r in reqs:
             wanted += [("user", r.user_id), ("item", r.item_id), ("session", r.session_id)]
-        lookups = await self._fetch(obs.model, obs.version, wanted)
+        lookups = await self._fetch(chosen.name, chosen.version, wanted)
         now = time.time()
         rows = [
             fz.personalization_row(r.__dict__, *(lk.values for lk in lookups[3 * i : 3 * i + 3]))
             for i, r in enumerate(reqs)
         ]
-        outputs = np.clip(await runner.predict(fz.to_matrix(rows)), 0.0, 1.0)
+        model, raw, obs = self._infer(
+            chosen, fz.to_matrix(rows), started, pinned=pinned is not None
+        )
+        outputs = np.clip(raw, 0.0, 1.0)
         results = []
         for i, r in enumerate(reqs):
             user, _item, session = lookups[3 * i : 3 * i + 3]
@@ -305,8 +370,8 @@ class Scoring:
                     user_segment=user_segment(user.values),
                     behavioral_signals=behavioral_signals(user.values, session, rows[i][6]),
                     features_used=len(fz.PERSONALIZATION_FEATURES),
-                    latency_ms=_ms_since(obs.started),
-                    model_version=obs.version,
+                    latency_ms=_ms_since(started),
+                    model_version=model.version,
                     user_id=r.user_id,
                     item_id=r.item_id,
                     feature_freshness_sec=_freshness(lookups[3 * i : 3 * i + 3], now),
@@ -314,7 +379,7 @@ class Scoring:
                 )
             )
         obs.done(outputs[:, 0])
-        return obs.version, results
+        return model.version, results
 
     async def personalization(self, req: PersonalizationRequest) -> PersonalizationResponse:
         return (await self.personalization_many([req]))[1][0]
@@ -343,21 +408,14 @@ class Scoring:
 
     # --- seed 003 -----------------------------------------------------------------------------
 
-    def _pool(self, model_name: str) -> ModelPool:
-        client = self.runners.get(model_name)
-        if client is not None and client._pool is not None:
-            return client._pool
-        return self.generic_pool(model_name)
-
     async def generic_predict(self, req: GenericPredictRequest) -> GenericPredictResponse:
         started = time.perf_counter()
         try:
-            model = self._pool(req.model_name).get(req.version)
+            chosen = self._model(req.model_name, req.correlation_id, req.version)
         except ModelNotFound as exc:
             raise ModelNotFound(f"model_name: {exc}") from exc
-        x = columns_to_matrix(req.features, model.card.feature_names)
-        obs = Observation(model.name, model.version, started)
-        outputs = model.predict(x)
+        x = columns_to_matrix(req.features, chosen.card.feature_names)
+        model, outputs, obs = self._infer(chosen, x, started, pinned=req.version is not None)
         obs.done(outputs if model.card.task == "binary" else None)
         return GenericPredictResponse(
             **encode_outputs(outputs, model.card.task),
@@ -372,17 +430,18 @@ class Scoring:
     async def v1_predict(self, instances: list[list[float]], version: str | None) -> dict[str, Any]:
         started = time.perf_counter()
         try:
-            model = self.generic_pool(self.v1_model).get(version)
+            chosen = self._model(self.v1_model, None, version)
         except ModelNotFound as exc:
             raise ModelNotFound(f"version: {exc}") from exc
         widths = {len(row) for row in instances}
-        if widths != {model.n_features}:
+        if widths != {chosen.n_features}:
             raise InvalidInput(
-                f"instances: every instance needs {model.n_features} values "
-                f"({', '.join(model.card.feature_names)}); got lengths {sorted(widths)}"
+                f"instances: every instance needs {chosen.n_features} values "
+                f"({', '.join(chosen.card.feature_names)}); got lengths {sorted(widths)}"
             )
-        obs = Observation(model.name, model.version, started)
-        outputs = model.predict(fz.to_matrix(instances)).astype(np.float64)
+        x = fz.to_matrix(instances)
+        model, raw, obs = self._infer(chosen, x, started, pinned=version is not None)
+        outputs = raw.astype(np.float64)
         body: dict[str, Any] = {"model_name": model.name, "model_version": model.version}
         if model.card.task in ("binary", "multiclass"):
             probs = outputs if outputs.ndim == 2 else np.column_stack([1 - outputs, outputs])
@@ -391,9 +450,32 @@ class Scoring:
             body["probabilities"] = np.round(probs, 6).tolist()
         else:
             body["predictions"] = np.round(outputs, 6).tolist()
-        obs.done()
+        obs.done(_score_sample(raw, model))
         body["latency_ms"] = _ms_since(started)
         return body
+
+
+def _finite(scores: np.ndarray, model: LoadedModel) -> np.ndarray:
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(f"{model.name}:{model.version} returned non-finite scores")
+    return scores
+
+
+def _score_sample(scores: np.ndarray, model: LoadedModel) -> np.ndarray | None:
+    """What `prediction_scores` records: P(positive) for binary, top-class probability otherwise."""
+    if model.card.task == "binary":
+        return scores
+    if model.card.task == "multiclass":
+        return scores.max(axis=1)
+    return None
+
+
+async def _contributions(model: LoadedModel, x: np.ndarray) -> np.ndarray:
+    if model.explainer is None:
+        return np.zeros_like(x)
+    if len(x) <= 8:
+        return model.explainer.contributions(x)
+    return await anyio.to_thread.run_sync(model.explainer.contributions, x)
 
 
 def _parse_item(schema: type[BaseModel], item: Mapping[str, Any], index: int) -> Any:

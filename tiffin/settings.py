@@ -39,10 +39,6 @@ class ServerSettings(BaseSettings):
     )
     """`production` refuses unsafe defaults; `development` is what `make serve` runs."""
 
-    runner_topology: Literal["in-process", "process"] = "in-process"
-    """Where runner services run: inside each entry worker (`in-process`, fastest on small boxes,
-    see docs/benchmarks.md) or as separate BentoML processes reached over HTTP (`process`)."""
-
     max_batch_rows: int = Field(1024, ge=1, le=100_000)
     """Largest number of rows one batch request may carry; larger batches get a 4xx."""
 

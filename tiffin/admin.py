@@ -1,0 +1,359 @@
+"""The admin API (seed 002's model registry, seed 003's reload, seed 004's traffic split).
+
+Writes need a bearer JWT (`tiffin.auth`): `models:write` for the registry, deployments and
+reloads, `traffic:write` for splits, shadows and A/B tests (`admin` grants both). Reads are open.
+Blocking work (loading a version, waiting for every worker to switch) runs in a thread, so the
+serving event loop keeps answering scoring requests meanwhile.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from models import importer
+from tiffin import model_store
+from tiffin import version_metrics as vm
+from tiffin.auth import AuthError, auth_settings, authorize
+from tiffin.errors import InvalidInput, ModelNotFound, TiffinError
+from tiffin.lifecycle import LifecycleManager, split_id
+from tiffin.traffic import Strategy, Thresholds
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RegisterRequest(_Body):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1, max_length=64)
+    version: str = Field(min_length=1, max_length=64)
+    model_path: str | None = None
+    artifact_base64: str | None = None
+    filename: str | None = Field(None, description="model.onnx, model.json or model.txt")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    feature_names: list[str] | None = None
+    task: str | None = None
+    description: str = ""
+    model_type: str | None = None
+    framework: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    performance_metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class DeployRequest(_Body):
+    strategy: Strategy = "immediate"
+    steps: list[int] | None = None
+    analysis_window_s: float | None = Field(None, gt=0, le=86_400)
+    thresholds: Thresholds | None = None
+
+
+class ABTestStart(_Body):
+    test_id: str = Field(min_length=1, max_length=64)
+    model_a: str
+    model_b: str
+    traffic_split: float = Field(gt=0, lt=1, description="share of traffic for model_b")
+    duration_hours: float = Field(24.0, gt=0, le=24 * 90)
+    success_metrics: list[str] = Field(default_factory=list)
+
+
+class ShadowRequest(_Body):
+    versions: list[str]
+
+
+class AdminContext:
+    lifecycle: LifecycleManager | None = None
+    v1_model: str = "species_classifier"
+
+
+context = AdminContext()
+
+
+def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    body = json.dumps(content, default=str).encode()
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def _error(status: int, message: str) -> Response:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return _json({"error": message}, status, headers)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5]
+    )
+
+
+def guarded(scope: str | None) -> Callable[[Callable[..., Awaitable[Response]]], Handler]:
+    """Auth (when `scope` is given), typed errors to status codes, never a stack trace."""
+
+    def wrap(handler: Callable[..., Awaitable[Response]]) -> Handler:
+        async def endpoint(request: Request) -> Response:
+            try:
+                if scope is not None:
+                    authorize(request.headers.get("authorization"), scope, auth_settings())
+                if context.lifecycle is None:
+                    return _error(503, "the service is still starting")
+                return await handler(request, context.lifecycle)
+            except AuthError as exc:
+                return _error(exc.status, exc.message)
+            except ValidationError as exc:
+                return _error(422, _validation_message(exc))
+            except TiffinError as exc:
+                return _error(int(exc.error_code), str(exc))
+
+        return endpoint
+
+    return wrap
+
+
+async def _body(request: Request, model: type[BaseModel]) -> Any:
+    raw = await request.body()
+    try:
+        data = json.loads(raw or b"{}")
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"body: invalid JSON ({exc.msg})") from None
+    return model.model_validate(data)
+
+
+def _family(request: Request) -> str:
+    return request.query_params.get("model") or context.v1_model
+
+
+async def _thread(fn: Callable[..., Any], *args: Any) -> Any:
+    return await anyio.to_thread.run_sync(fn, *args)
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+
+def _register(req: RegisterRequest) -> dict[str, Any]:
+    if (req.framework or "").lower() == "mlx" or (req.model_type or "").lower() == "llm":
+        raise InvalidInput("framework: LLM weights are not registered here; see docs/llm.md")
+    artifacts, metadata = _artifacts_from(req)
+    if req.sha256 is not None:
+        if len(artifacts) != 1:
+            raise InvalidInput("sha256: give it with a single artifact")
+        actual = model_store.sha256_bytes(next(iter(artifacts.values())))
+        if actual != req.sha256.lower():
+            raise InvalidInput(f"sha256: checksum mismatch, artifact has {actual}")
+    metadata = {
+        **metadata,
+        **({"feature_names": req.feature_names} if req.feature_names else {}),
+        **({"task": req.task} if req.task else {}),
+        **({"framework": req.framework} if req.framework else {}),
+        "description": req.description or metadata.get("description", ""),
+        "metrics": {**metadata.get("metrics", {}), **req.performance_metrics},
+    }
+    tag = importer.import_version(req.name, req.version, artifacts, metadata)
+    return {
+        "model_id": tag,
+        "status": "registered",
+        "tags": req.tags,
+        **model_store.describe(model_store.get(req.name, req.version)),
+    }
+
+
+def _artifacts_from(req: RegisterRequest) -> tuple[dict[str, bytes], dict[str, Any]]:
+    if req.artifact_base64 is not None:
+        if req.filename not in importer.NATIVE_BY_FILE:
+            raise InvalidInput(f"filename: one of {', '.join(importer.NATIVE_BY_FILE)}")
+        try:
+            return {req.filename: base64.b64decode(req.artifact_base64, validate=True)}, {}
+        except (binascii.Error, ValueError):
+            raise InvalidInput("artifact_base64: not valid base64") from None
+    if not req.model_path:
+        raise InvalidInput("model_path: give model_path or artifact_base64")
+    path = Path(req.model_path)
+    if path.is_dir():
+        meta_path = path / "metadata.json"
+        metadata = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        return importer._artifacts_in(path), metadata
+    if path.is_file():
+        if path.suffix in importer.FORBIDDEN_SUFFIXES:
+            raise InvalidInput("model_path: pickle files are not an import format")
+        by_suffix = {".onnx": "model.onnx", ".json": "model.json", ".txt": "model.txt"}
+        if path.suffix not in by_suffix:
+            raise InvalidInput("model_path: expected .onnx, .json (XGBoost) or .txt (LightGBM)")
+        return {by_suffix[path.suffix]: path.read_bytes()}, {}
+    raise InvalidInput(f"model_path: {req.model_path} does not exist on the server")
+
+
+@guarded("models:write")
+async def register(request: Request, _: LifecycleManager) -> Response:
+    req = await _body(request, RegisterRequest)
+    return _json(await _thread(_register, req), 201)
+
+
+@guarded("models:write")
+async def activate(request: Request, lifecycle: LifecycleManager) -> Response:
+    family, version = split_id(request.path_params["model_id"])
+    deployment = await _thread(lifecycle.deploy, family, version, "immediate", None, None, None)
+    return _json(
+        {
+            "model_id": f"{family}:{version}",
+            "status": "active",
+            "deployment": deployment.model_dump(),
+        }
+    )
+
+
+@guarded("models:write")
+async def deploy(request: Request, lifecycle: LifecycleManager) -> Response:
+    family, version = split_id(request.path_params["model_id"])
+    req = await _body(request, DeployRequest)
+    deployment = await _thread(
+        lifecycle.deploy,
+        family,
+        version,
+        req.strategy,
+        req.steps,
+        req.analysis_window_s,
+        req.thresholds,
+    )
+    status = 200 if deployment.status == "completed" else 202
+    return _json(deployment.model_dump(), status)
+
+
+@guarded("models:write")
+async def reload_model(request: Request, lifecycle: LifecycleManager) -> Response:
+    name = request.path_params["model"]
+    state = await _thread(lifecycle.reload, name)
+    return _json({"message": f"Reloading model {name}", "revision": state.revision})
+
+
+# --- traffic ----------------------------------------------------------------------------------
+
+
+@guarded(None)
+async def get_split(request: Request, lifecycle: LifecycleManager) -> Response:
+    family = _family(request)
+    weights = lifecycle.weights(family)
+    if not weights:
+        raise ModelNotFound(f"model {family!r} is not in the model store")
+    return _json(weights)
+
+
+@guarded("traffic:write")
+async def set_split(request: Request, lifecycle: LifecycleManager) -> Response:
+    raw = await request.body()
+    try:
+        weights = json.loads(raw or b"null")
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"body: invalid JSON ({exc.msg})") from None
+    if not isinstance(weights, dict) or not all(
+        isinstance(w, int) and not isinstance(w, bool) for w in weights.values()
+    ):
+        raise InvalidInput('body: expected {"<version>": <integer percent>, ...}')
+    state = await _thread(lifecycle.set_weights, _family(request), weights)
+    return _json(state.families[_family(request)].weights)
+
+
+@guarded("traffic:write")
+async def set_shadows(request: Request, lifecycle: LifecycleManager) -> Response:
+    req = await _body(request, ShadowRequest)
+    state = await _thread(lifecycle.set_shadows, _family(request), req.versions)
+    return _json({"shadows": state.families[_family(request)].shadows})
+
+
+@guarded(None)
+async def version_metrics(request: Request, lifecycle: LifecycleManager) -> Response:
+    family, version = _family(request), request.path_params["version"]
+    pool = lifecycle._pool(family)
+    if pool is None:
+        raise ModelNotFound(f"model {family!r} is not in the model store")
+    if not model_store.exists(family, version):
+        raise ModelNotFound(f"version {version!r} of model {family!r} does not exist")
+    snap = vm.snapshot(family, [version]).get(version, vm.empty())
+    return _json(
+        {
+            "model": family,
+            "version": version,
+            "weight": lifecycle.weights(family).get(version, 0),
+            "shadow": version in lifecycle.shadows(family),
+            **vm.summary(snap),
+        }
+    )
+
+
+# --- deployments, A/B tests -------------------------------------------------------------------
+
+
+@guarded(None)
+async def list_deployments(_: Request, lifecycle: LifecycleManager) -> Response:
+    return _json({"deployments": [d.model_dump() for d in reversed(lifecycle.state.deployments)]})
+
+
+@guarded(None)
+async def get_deployment(request: Request, lifecycle: LifecycleManager) -> Response:
+    wanted = request.path_params["deployment_id"]
+    found = next((d for d in lifecycle.state.deployments if d.id == wanted), None)
+    if found is None:
+        raise ModelNotFound(f"deployment {wanted!r} does not exist")
+    return _json(found.model_dump())
+
+
+@guarded(None)
+async def list_events(_: Request, lifecycle: LifecycleManager) -> Response:
+    return _json({"events": [e.model_dump() for e in reversed(lifecycle.state.events)]})
+
+
+@guarded("traffic:write")
+async def start_ab(request: Request, lifecycle: LifecycleManager) -> Response:
+    req = await _body(request, ABTestStart)
+    test = await _thread(
+        lifecycle.start_ab,
+        req.test_id,
+        req.model_a,
+        req.model_b,
+        req.traffic_split,
+        req.duration_hours,
+        req.success_metrics,
+    )
+    return _json({**test.model_dump(exclude={"baseline"}), "status": test.status}, 201)
+
+
+@guarded(None)
+async def list_ab(_: Request, lifecycle: LifecycleManager) -> Response:
+    tests = [
+        {**t.model_dump(exclude={"baseline", "final_result"}), "result": lifecycle.ab_result(t)}
+        for t in lifecycle.state.ab_tests.values()
+    ]
+    return _json({"tests": tests})
+
+
+@guarded("traffic:write")
+async def stop_ab(request: Request, lifecycle: LifecycleManager) -> Response:
+    test = await _thread(lifecycle.stop_ab, request.path_params["test_id"])
+    return _json(test.model_dump(exclude={"baseline"}))
+
+
+routes = [
+    Route("/models/register", register, methods=["POST"]),
+    Route("/models/{model_id}/activate", activate, methods=["POST"]),
+    Route("/models/{model_id}/deploy", deploy, methods=["POST"]),
+    Route("/reload/{model}", reload_model, methods=["POST"]),
+    Route("/v1/traffic-split", get_split, methods=["GET"]),
+    Route("/v1/traffic-split", set_split, methods=["POST"]),
+    Route("/v1/shadows", set_shadows, methods=["POST"]),
+    Route("/v1/metrics/{version}", version_metrics, methods=["GET"]),
+    Route("/deployments", list_deployments, methods=["GET"]),
+    Route("/deployments/{deployment_id}", get_deployment, methods=["GET"]),
+    Route("/events", list_events, methods=["GET"]),
+    Route("/ab-tests/start", start_ab, methods=["POST"]),
+    Route("/ab-tests", list_ab, methods=["GET"]),
+    Route("/ab-tests/{test_id}/stop", stop_ab, methods=["POST"]),
+]

@@ -1,0 +1,165 @@
+"""Per-version statistics read back from the Prometheus metrics every worker writes.
+
+The same numbers `/metrics` exposes (all workers of this host, via the multiprocess directory)
+feed `/v1/metrics/{version}`, canary analysis and A/B tests, so there is one source of truth.
+Snapshots are cumulative; analyses subtract a baseline snapshot taken at the window's start.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from tiffin.metrics import LATENCY_BUCKETS, SCORE_BUCKETS, metrics
+
+Snapshot = dict[str, Any]
+
+
+def _families() -> list[Any]:
+    metrics()  # make sure the metrics exist in this process
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return list(registry.collect())
+    return list(REGISTRY.collect())
+
+
+def empty() -> Snapshot:
+    return {
+        "ok": 0.0,
+        "error": 0.0,
+        "latency": [0.0] * (len(LATENCY_BUCKETS) + 1),
+        "latency_sum": 0.0,
+        "scores": [0.0] * (len(SCORE_BUCKETS) + 1),
+        "score_sum": 0.0,
+        "score_count": 0.0,
+    }
+
+
+def snapshot(model: str, versions: list[str] | None = None) -> dict[str, Snapshot]:
+    """Cumulative counts per version of `model`: ok/error requests, latency and score buckets."""
+    out: dict[str, Snapshot] = {}
+
+    def slot(version: str) -> Snapshot:
+        if version not in out:
+            out[version] = empty()
+        return out[version]
+
+    for family in _families():
+        for sample in family.samples:
+            labels = sample.labels
+            if labels.get("model") != model:
+                continue
+            version = labels.get("version", "")
+            if versions is not None and version not in versions:
+                continue
+            name = sample.name
+            if name == "ml_inference_requests_total":
+                slot(version)["ok" if labels.get("status") == "success" else "error"] += (
+                    sample.value
+                )
+            elif name == "ml_inference_duration_seconds_bucket":
+                _add_bucket(slot(version)["latency"], LATENCY_BUCKETS, labels["le"], sample.value)
+            elif name == "ml_inference_duration_seconds_sum":
+                slot(version)["latency_sum"] += sample.value
+            elif name == "prediction_scores_bucket":
+                _add_bucket(slot(version)["scores"], SCORE_BUCKETS, labels["le"], sample.value)
+            elif name == "prediction_scores_sum":
+                slot(version)["score_sum"] += sample.value
+            elif name == "prediction_scores_count":
+                slot(version)["score_count"] += sample.value
+    return out
+
+
+def _add_bucket(target: list[float], bounds: tuple[float, ...], le: str, value: float) -> None:
+    index = len(bounds) if le == "+Inf" else bounds.index(float(le))
+    target[index] += value  # cumulative counts, as Prometheus exposes them
+
+
+def delta(now: Snapshot, base: Snapshot | None) -> Snapshot:
+    if not base:
+        return now
+    out: Snapshot = {}
+    for key, value in now.items():
+        if isinstance(value, list):
+            out[key] = [a - b for a, b in zip(value, base.get(key, [0] * len(value)), strict=True)]
+        else:
+            out[key] = value - base.get(key, 0.0)
+    return out
+
+
+def _quantile(cumulative: list[float], bounds: tuple[float, ...], q: float) -> float | None:
+    total = cumulative[-1] if cumulative else 0
+    if total <= 0:
+        return None
+    for bound, count in zip(bounds, cumulative, strict=False):
+        if count >= q * total:
+            return bound
+    return math.inf
+
+
+def _densities(cumulative: list[float]) -> list[float]:
+    return [max(c - p, 0.0) for c, p in zip(cumulative, [0.0, *cumulative[:-1]], strict=True)]
+
+
+def summary(snap: Snapshot) -> dict[str, Any]:
+    requests = snap["ok"] + snap["error"]
+    latency = snap["latency"]
+    p = {f"p{int(q * 100)}": _quantile(latency, LATENCY_BUCKETS, q) for q in (0.5, 0.95, 0.99)}
+    scores = _densities(snap["scores"])
+    score_total = sum(scores)
+    return {
+        "requests": int(requests),
+        "errors": int(snap["error"]),
+        "success_rate": round(snap["ok"] / requests, 6) if requests else None,
+        "error_rate": round(snap["error"] / requests, 6) if requests else None,
+        "latency_ms": {k: (None if v is None else round(v * 1000, 3)) for k, v in p.items()},
+        "mean_latency_ms": round(snap["latency_sum"] / latency[-1] * 1000, 3)
+        if latency[-1]
+        else None,
+        "prediction_mean": round(snap["score_sum"] / snap["score_count"], 6)
+        if snap["score_count"]
+        else None,
+        "prediction_distribution": {
+            f"<={b}": int(c) for b, c in zip((*SCORE_BUCKETS, "+Inf"), scores, strict=True) if c
+        }
+        if score_total
+        else {},
+    }
+
+
+def p99_ms(snap: Snapshot) -> float | None:
+    value = _quantile(snap["latency"], LATENCY_BUCKETS, 0.99)
+    return None if value is None else value * 1000
+
+
+def psi(a: Snapshot, b: Snapshot) -> float | None:
+    """Population stability index between two score distributions (None without scores)."""
+    da, db = _densities(a["scores"]), _densities(b["scores"])
+    ta, tb = sum(da), sum(db)
+    if ta <= 0 or tb <= 0:
+        return None
+    eps = 1e-4
+    return float(
+        sum(
+            ((x / ta) - (y / tb)) * math.log(((x / ta) + eps) / ((y / tb) + eps))
+            for x, y in zip(da, db, strict=True)
+        )
+    )
+
+
+def score_moments(snap: Snapshot) -> tuple[float, float, float] | None:
+    """(count, mean, variance) of scores, variance from bucket midpoints."""
+    counts = _densities(snap["scores"])
+    n = sum(counts)
+    if n <= 1:
+        return None
+    mean = snap["score_sum"] / snap["score_count"] if snap["score_count"] else 0.0
+    mids = [b - 0.025 for b in SCORE_BUCKETS] + [SCORE_BUCKETS[-1]]
+    var = sum(c * (m - mean) ** 2 for c, m in zip(counts, mids, strict=True)) / (n - 1)
+    return n, mean, max(var, 1e-12)
