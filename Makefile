@@ -33,9 +33,12 @@ train: setup
 seed: setup
 	$(PY) -m models.seed_features
 
+# Development mode: without JWT_SECRET_KEY a random secret is generated once into .tiffin/.
 serve: train seed
-	@echo "Tiffin serving on http://localhost:$(PORT)  (feature store: $${REDIS_URL:-$${REDIS_HOST:-embedded}})"
-	exec $(VENV)/bin/bentoml serve service:Tiffin --host $(HOST) --port $(PORT)
+	@export JWT_SECRET_KEY="$${JWT_SECRET_KEY:-$$($(PY) -c 'from tiffin.auth import dev_secret; print(dev_secret())')}"; \
+	  echo "Tiffin serving on http://localhost:$(PORT)  (feature store: $${REDIS_URL:-$${REDIS_HOST:-embedded}})"; \
+	  echo "Admin API token: $(PY) -m tiffin.auth mint --scope admin"; \
+	  exec $(VENV)/bin/bentoml serve service:Tiffin --host $(HOST) --port $(PORT)
 
 lint: setup
 	$(VENV)/bin/ruff check .
