@@ -25,7 +25,7 @@ from tiffin.lifecycle import LifecycleManager
 from tiffin.model_pool import ModelPool
 from tiffin.scoring import Scoring
 from tiffin.settings import feature_store_settings, model_settings, server_settings
-from tiffin.topology import serve_runners_in_process
+from tiffin.topology import cache_output_media_types, serve_runners_in_process
 from tiffin.traffic import TrafficSettings, open_backend
 
 SERVER = server_settings()
@@ -143,3 +143,4 @@ class Tiffin:
 
 Tiffin.add_asgi_middleware(ClientErrorMiddleware)  # type: ignore[attr-defined]
 serve_runners_in_process(Tiffin)
+cache_output_media_types(Tiffin)

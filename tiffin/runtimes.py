@@ -99,16 +99,17 @@ class XGBoostPredictor:
         booster.set_param({"nthread": 1})
         self.booster = booster
         self.n_features = booster.num_features()
+        from tiffin.attribution import PathAttribution
+
+        self.attribution = PathAttribution.from_xgboost_json(path.read_bytes(), self.n_features)
         return self
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         return _as_task_output(self.booster.inplace_predict(features), self.task, features.shape[0])
 
     def contributions(self, features: np.ndarray) -> np.ndarray:
-        import xgboost as xgb
-
-        contribs = self.booster.predict(xgb.DMatrix(features, nthread=1), pred_contribs=True)
-        return np.asarray(contribs)[:, :-1]
+        """Path (Saabas) attribution, ~10x cheaper than TreeSHAP; see tiffin.attribution."""
+        return self.attribution.contributions(features)
 
 
 class LightGBMPredictor:
