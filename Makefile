@@ -50,9 +50,26 @@ typecheck: setup
 test: setup redis-server lint typecheck
 	$(VENV)/bin/pytest -q
 
-bench: setup redis-server train
+# Issue 3's benchmark: Tiffin, a seed-style service, a hand-tuned reference and MLServer, stepped
+# open-loop load until p99 breaks (~12 min); table on stdout, JSON/Markdown in bench/results/.
+# Then the engine micro-benchmark. Iterate on one endpoint with `make bench-quick ARGS="..."`.
+.PHONY: bench-setup bench-quick bench-profile
+bench: setup redis-server train bench-setup
+	$(PY) -m bench.run $(ARGS)
 	$(PY) -m bench.engines
-	$(PY) -m bench.load --duration 30 --concurrency 64 --path /score/fraud --path /predict/fraud --path /v1/models/predict
+
+# MLServer 1.7.1 lives in its own virtualenv (bench/.venvs/mlserver, gitignored): it pins an older
+# starlette, and its worker crashes with uvloop >= 0.22.
+bench-setup: setup
+	$(PY) -c "from bench.systems import ensure_mlserver_venv; ensure_mlserver_venv()"
+
+# e.g. make bench-quick ARGS="--systems tiffin --workloads score_fraud"
+bench-quick: setup redis-server train
+	$(PY) -m bench.run --quick $(ARGS)
+
+# py-spy profile of Tiffin's workers under constant load, e.g. ARGS="--workload score_fraud --rate 150"
+bench-profile: setup redis-server train
+	$(PY) -m bench.profile $(ARGS)
 
 build: train
 	$(VENV)/bin/bentoml build .

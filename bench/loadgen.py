@@ -60,6 +60,7 @@ class StepResult:
     mean_ms: float = 0.0
     max_send_lag_ms: float = 0.0
     connections: int = 0
+    aborted: bool = False
     sample_body: bytes = b""
 
     @property
@@ -87,6 +88,7 @@ class StepResult:
             "mean_ms": self.mean_ms,
             "max_send_lag_ms": self.max_send_lag_ms,
             "connections": self.connections,
+            "aborted": self.aborted,
         }
 
 
@@ -246,11 +248,14 @@ async def open_loop(
     max_connections: int = 256,
     prewarm: int = 32,
     drain_timeout: float = 5.0,
+    abort_backlog_s: float = 1.0,
 ) -> StepResult:
     """Offer `rate` req/s for `duration` s, cycling through the pre-encoded `requests`.
 
     Requests still unanswered `drain_timeout` s after the last due time count as timeouts (their
-    latency is recorded as of that moment, a lower bound).
+    latency is recorded as of that moment, a lower bound). A step whose generator-side backlog
+    (every connection busy) exceeds `abort_backlog_s` seconds of arrivals is hopeless: it stops
+    sending early (`aborted`), which keeps the server's queue, and the next step's wait, short.
     """
     run = _Run(host, port, max_connections)
     await _prewarm(run, min(prewarm, max_connections))
@@ -261,7 +266,12 @@ async def open_loop(
     t0 = now() + 0.01
     sent = 0
     max_lag = 0.0
+    aborted = False
+    abort_at = max(rate * abort_backlog_s, 50)
     while sent < total:
+        if len(run.backlog) > abort_at:
+            aborted = True
+            break
         t = now()
         due = t0 + sent * interval
         if due > t + LOOKAHEAD_S:
@@ -278,7 +288,7 @@ async def open_loop(
             # generator or a busy connection pool is charged to the measured latency, never hidden.
             run.submit(min(due, t), requests[sent % n_req])
             sent += 1
-    deadline = t0 + total * interval + drain_timeout
+    deadline = (t0 + total * interval if not aborted else now()) + drain_timeout
     while run.completed < sent and now() < deadline:
         await asyncio.sleep(0.005)
     unanswered = sent - run.completed
@@ -309,6 +319,7 @@ async def open_loop(
         mean_ms=_ms(h.get_mean_value()),
         max_send_lag_ms=round(max_lag * 1000, 3),
         connections=connections,
+        aborted=aborted,
         sample_body=run.sample_body,
     )
     del unanswered, end

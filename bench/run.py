@@ -55,6 +55,7 @@ class Step:
     rss_mb: float
     passed: bool
     why: str
+    other_cores: float = 0.0  # CPU used by processes outside this benchmark (a shared box)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -65,6 +66,7 @@ class Step:
             "rss_mb": self.rss_mb,
             "passed": self.passed,
             "why": self.why,
+            "other_cores": self.other_cores,
         }
 
 
@@ -103,6 +105,18 @@ class Measured:
         self.me = psutil.Process()
         self.peak_rss_mb = 0.0
 
+    def settle(self, minimum: float, limit: float = 30.0) -> None:
+        """Wait until the system is idle (< 10% of a core), so a broken step's queue is gone."""
+        time.sleep(minimum)
+        if self.system is None:
+            return
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            before = sysmod.sample(self.system.processes()).cpu_s
+            time.sleep(0.5)
+            if sysmod.sample(self.system.processes()).cpu_s - before < 0.05:
+                return
+
     def step(
         self, host: str, port: int, reqs: list[bytes], rate: float, duration: float, slo: float
     ) -> Step:
@@ -110,7 +124,9 @@ class Measured:
         before = sysmod.sample(procs)
         redis0 = self.redis.cpu_s() if self.redis else 0.0
         gen0 = sum(self.me.cpu_times()[:2])
+        busy0, wall0 = _busy_s(), time.perf_counter()
         result = run_step(host, port, reqs, rate, duration)
+        busy, wall = _busy_s() - busy0, time.perf_counter() - wall0
         gen = sum(self.me.cpu_times()[:2]) - gen0
         redis = (self.redis.cpu_s() if self.redis else 0.0) - redis0
         after = sysmod.sample(self.system.processes() if self.system else [])
@@ -122,8 +138,11 @@ class Measured:
             why.append(f"p99 {result.p99_ms:.1f} >= {slo:g} ms")
         if result.error_rate > MAX_ERROR_RATE:
             why.append(f"errors {result.error_rate:.2%} {dict(result.errors)}")
-        if result.achieved_rps < MIN_ACHIEVED * rate:
+        if result.aborted:
+            why.append("aborted: over 1 s of arrivals queued in the generator")
+        elif result.achieved_rps < MIN_ACHIEVED * rate:
             why.append(f"achieved {result.achieved_rps:.0f} < {MIN_ACHIEVED:.0%} of offered")
+        ours = (after.cpu_s - before.cpu_s) + redis + gen
         return Step(
             result,
             round((after.cpu_s - before.cpu_s) * 1000 / done, 3),
@@ -132,7 +151,14 @@ class Measured:
             round(rss_mb, 1),
             not why,
             "; ".join(why),
+            round(max(busy - ours, 0.0) / wall, 2),
         )
+
+
+def _busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (every process, every core)."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
 
 
 def _log(msg: str) -> None:
@@ -163,10 +189,10 @@ def ramp(
             f"{label or '  '}{system:<10}{workload.name:<16}{rate:>9.1f}/s -> "
             f"{r.achieved_rps:>8.1f}/s "
             f"p50 {r.p50_ms:>7.2f} p99 {r.p99_ms:>8.2f} p99.9 {r.p999_ms:>8.2f} ms "
-            f"err {r.n_errors:<5} cpu {s.cpu_ms_per_req:.2f} ms/req "
+            f"err {r.n_errors:<5} cpu {s.cpu_ms_per_req:.2f} ms/req other {s.other_cores:.2f} "
             f"{'ok' if s.passed else 'BREAK: ' + s.why}"
         )
-        time.sleep(0.5 if s.passed else 2.0)  # let a broken server drain its queue
+        measured.settle(0.5 if s.passed else 2.0)
         return s
 
     run(workload.start_rps, min(2.0, duration), "w ")  # warm-up, not reported
@@ -385,7 +411,14 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, {platform.platform()}"
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # run the `finally` blocks: stop every server we started
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     parser = argparse.ArgumentParser(description="Open-loop benchmark of Tiffin and its peers")
     parser.add_argument("--systems", default=",".join(SYSTEM_ORDER))
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
@@ -394,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 s steps, 1 bisection")
     parser.add_argument("--url", help="measure an already running Tiffin (no CPU/RSS)")
     parser.add_argument("--workers", type=int, default=2, help="Tiffin entry workers")
-    parser.add_argument("--reference-contribs", choices=("treeshap", "path"), default="treeshap")
+    parser.add_argument("--reference-contribs", choices=("path", "treeshap"), default="path")
     parser.add_argument("--rss-exclude", default="llm", help="regex: processes left out of RSS")
     parser.add_argument("--no-half", action="store_true", help="skip Tiffin's half-load step")
     parser.add_argument("--out", default=str(sysmod.RESULTS / "latest"))

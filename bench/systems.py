@@ -298,7 +298,7 @@ def seed(redis_url: str) -> System:
     )
 
 
-def reference(redis_url: str, contribs: str = "treeshap") -> System:
+def reference(redis_url: str, contribs: str = "path") -> System:
     port = free_port()
     env = {
         **_base_env(redis_url),

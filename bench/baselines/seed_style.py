@@ -2,8 +2,9 @@
 
 FastAPI + pydantic request/response models per request, a synchronous redis-py client (one `MGET`
 of the same packed records Tiffin reads), native XGBoost per request (`inplace_predict` for the
-score, a `DMatrix` + `pred_contribs` for the model-explained `top_risk_factors`, as seed 001's
-"feature importance and model explainability" implies), a Prometheus counter and histogram per
+score, a `DMatrix` + `pred_contribs=True, approx_contribs=True` for the model-explained
+`top_risk_factors` seed 001 shows: the same path attribution Tiffin computes, so every system
+returns the same factors), a Prometheus counter and histogram per
 request, served by uvicorn with the seeds' 2 workers:
 
     BENCH_CARD_FRAUD_DIR=... BENCH_AD_FRAUD_DIR=... REDIS_URL=... \
@@ -117,7 +118,9 @@ def score_fraud(req: FraudRequest) -> FraudResponse:
     row = fz.card_fraud_row(req.model_dump(), card, merchant)
     x = np.asarray([row], dtype=np.float32)
     score = float(card_booster.inplace_predict(x)[0])
-    contributions = card_booster.predict(xgb.DMatrix(x), pred_contribs=True)[:, :-1]
+    contributions = card_booster.predict(xgb.DMatrix(x), pred_contribs=True, approx_contribs=True)[
+        :, :-1
+    ]
     factors = common.top_factors_matrix(contributions)[0]
     level, action = common.risk_band(score)
     now = time.time()
