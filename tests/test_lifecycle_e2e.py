@@ -327,6 +327,43 @@ def test_shadow_version_sees_traffic_but_never_answers(app: Served) -> None:
     assert post(app, "/v1/shadows?model=card_fraud", {"versions": []}, token()).status_code == 200
 
 
+def test_blue_green_and_rolling_deployments_complete(app: Served) -> None:
+    green = post(app, "/models/card_fraud:v2.0/deploy", {"strategy": "blue-green"}, token())
+    assert green.status_code == 200 and green.json()["status"] == "completed", green.text
+    assert httpx.get(f"{app.url}/v1/traffic-split?model=card_fraud").json() == {"v2.0": 100}
+    assert score(app, "card_00000003").json()["model_version"] == "v2.0"
+    rolling = post(
+        app,
+        "/models/card_fraud:v1.0/deploy",
+        {
+            "strategy": "rolling",
+            "steps": [50, 100],
+            "analysis_window_s": 1,
+            "thresholds": {"min_samples": 5},
+        },
+        token(),
+    )
+    assert rolling.status_code == 202, rolling.text
+    status, seen = "in_progress", set()
+    with httpx.Client(base_url=app.url, timeout=30) as client:
+        deadline, i = time.monotonic() + 30, 0
+        while status == "in_progress" and time.monotonic() < deadline:
+            for _ in range(20):
+                r = client.post(
+                    "/score/fraud", json={"card_id": f"card_{i:08d}", "transaction_amount": 9.0}
+                )
+                assert r.status_code == 200
+                seen.add(r.json()["model_version"])
+                i += 1
+            status = client.get(f"/deployments/{rolling.json()['id']}").json()["status"]
+    assert status == "completed" and seen == {"v1.0", "v2.0"}
+    assert httpx.get(f"{app.url}/v1/traffic-split?model=card_fraud").json() == {"v1.0": 100}
+    bad = post(
+        app, "/models/card_fraud:v2.0/deploy", {"strategy": "canary", "steps": [60, 30]}, token()
+    )
+    assert bad.status_code == 422 and "steps" in bad.json()["error"]
+
+
 def test_reload_answers_in_seed_003_shape(app: Served) -> None:
     r = post(app, "/reload/card_fraud", {}, token("models:write"))
     assert r.status_code == 200 and r.json()["message"] == "Reloading model card_fraud"

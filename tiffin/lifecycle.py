@@ -11,7 +11,6 @@ acknowledged, so "done" means done everywhere.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import threading
@@ -251,11 +250,7 @@ class LifecycleManager:
         )
         if strategy == "rolling":  # rolling gates on errors only
             deployment.thresholds = deployment.thresholds.model_copy(
-                update={
-                    "max_p99_ms": math.inf,
-                    "max_p99_ratio": math.inf,
-                    "max_score_psi": math.inf,
-                }
+                update={"max_p99_ms": None, "max_score_psi": None}
             )
 
         def start(state: TrafficState) -> None:
@@ -475,12 +470,14 @@ def breach(canary: vm.Snapshot, stable: vm.Snapshot, limits: Thresholds) -> str 
     p99 = vm.p99_ms(canary)
     stable_p99 = vm.p99_ms(stable)
     if (
-        p99 is not None
+        limits.max_p99_ms is not None
+        and p99 is not None
         and p99 > limits.max_p99_ms
         and (stable_p99 is None or p99 > limits.max_p99_ratio * stable_p99)
     ):
         return f"p99 latency {p99:.1f} ms > {limits.max_p99_ms:.1f} ms"
-    if stable["score_count"] >= limits.min_samples and canary["score_count"] >= limits.min_samples:
+    scored = min(stable["score_count"], canary["score_count"]) >= limits.min_samples
+    if limits.max_score_psi is not None and scored:
         shift = vm.psi(canary, stable)
         if shift is not None and shift > limits.max_score_psi:
             return f"score distribution shift PSI {shift:.3f} > {limits.max_score_psi}"

@@ -50,9 +50,9 @@ class Thresholds(BaseModel):
     """When a canary is rolled back; checked continuously, not only at window ends."""
 
     max_error_rate: float = Field(0.01, ge=0, le=1)
-    max_p99_ms: float = Field(250.0, gt=0)
+    max_p99_ms: float | None = Field(250.0, gt=0, description="None: not checked")
     max_p99_ratio: float = Field(3.0, gt=0, description="canary p99 / stable p99")
-    max_score_psi: float = Field(0.25, gt=0, description="population stability index vs stable")
+    max_score_psi: float | None = Field(0.25, gt=0, description="None: not checked")
     min_samples: int = Field(30, ge=1, description="requests before a verdict is drawn")
 
 
