@@ -137,7 +137,7 @@ class _Run:
 
     def submit(self, scheduled: float, request: bytes) -> None:
         if self.idle:
-            self.idle.pop().send(scheduled, request)
+            self.idle.popleft().send(scheduled, request)  # round-robin over connections
             return
         self.backlog.append((scheduled, request))
         if len(self.conns) + self.opening < self.max_connections:
@@ -227,12 +227,18 @@ class _Conn(asyncio.Protocol):
             self.scheduled = None
 
 
-async def _prewarm(run: _Run, n: int) -> None:
-    async def one() -> None:
+async def _prewarm(run: _Run, n: int, spacing_s: float = 0.002) -> None:
+    """Open `n` keep-alive connections one at a time, a little apart.
+
+    Opened all at once, they land in one burst on the listening socket and the first server
+    worker to wake up accepts every one of them: with keep-alive, that worker then serves the
+    whole step while its siblings idle. Spaced out, each accept is a fresh race between workers,
+    as with many independent clients or a load balancer's connection pool.
+    """
+    for _ in range(n):
         with contextlib.suppress(OSError):
             await run.loop.create_connection(lambda: _Conn(run), run.host, run.port)
-
-    await asyncio.gather(*(one() for _ in range(n)))
+        await asyncio.sleep(spacing_s)
 
 
 def _ms(us: float) -> float:

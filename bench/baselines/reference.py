@@ -51,7 +51,12 @@ BOOSTER.load_model(str(_dir / "model.json"))
 BOOSTER.set_param({"nthread": 1})
 CONTRIBS = os.environ.get("BENCH_REFERENCE_CONTRIBS", "path")
 PATH = common.PathAttribution(_dir / "model.json") if CONTRIBS == "path" else None
-REDIS = aioredis.Redis.from_url(os.environ["REDIS_URL"], max_connections=64)
+# A blocking pool: past 64 in-flight lookups a request waits for a connection instead of failing.
+REDIS = aioredis.Redis(
+    connection_pool=aioredis.BlockingConnectionPool.from_url(
+        os.environ["REDIS_URL"], max_connections=64, timeout=5
+    )
+)
 FEATURE_INDEX = {name: i for i, name in enumerate(common.FEATURE_NAMES)}
 
 
