@@ -14,6 +14,7 @@ request is wrong for it — e.g. an unknown model), which do not.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -70,11 +71,13 @@ def raw_schema_model(target: StructuredTarget) -> type[BaseModel]:
     """A pydantic model standing for a raw JSON Schema, for instructor: its `model_json_schema`
     is the schema itself and validating it runs the JSON Schema check (so failures re-ask)."""
     schema = target.schema
+    name = "".join(c for c in target.name.title() if c.isalnum()) or "Response"
 
     class RawSchema(RootModel[Any]):
         @classmethod
         def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
-            return schema
+            # a fresh copy each time: instructor adds keys (description) to what it gets
+            return {"title": name, **copy.deepcopy(schema)}
 
         @model_validator(mode="after")
         def _matches_schema(self) -> RawSchema:
@@ -84,7 +87,6 @@ def raw_schema_model(target: StructuredTarget) -> type[BaseModel]:
                 raise ValueError(str(exc)) from exc
             return self
 
-    name = "".join(c for c in target.name.title() if c.isalnum()) or "Response"
     RawSchema.__name__ = RawSchema.__qualname__ = name
     return RawSchema
 
@@ -192,6 +194,9 @@ class RemoteEngine(Engine):
             "tools": instructor.Mode.TOOLS,
             "md_json": instructor.Mode.MD_JSON,
         }[self.settings.instructor_mode]
+        is_object = target.schema.get("type") == "object" and "properties" in target.schema
+        if mode == instructor.Mode.TOOLS and target.model is None and not is_object:
+            mode = instructor.Mode.JSON_SCHEMA  # function parameters must be an object schema
         client = instructor.from_openai(self.client, mode=mode)
         parse_errors: list[str] = []
 

@@ -25,7 +25,9 @@ def _env(*names: str) -> AliasChoices:
 class LLMSettings(BaseSettings):
     """The LLM runner: which engine and model, its limits, guards and failure handling."""
 
-    model_config = SettingsConfigDict(env_prefix="TIFFIN_LLM_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="TIFFIN_LLM_", extra="ignore", populate_by_name=True
+    )
 
     # --- engine and model ------------------------------------------------------------------
 
