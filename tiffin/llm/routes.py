@@ -46,6 +46,12 @@ async def llm_status(_: Request) -> Response:
     return JSONResponse(body)
 
 
+async def health_component() -> dict[str, Any]:
+    """The LLM's entry for the service's `/health` components: `status` is ok, degraded, down
+    or disabled, with `reason`, engine, model and breaker state."""
+    return await runtime.current().health()
+
+
 routes = [
     Route("/circuit-breaker/status", breaker_status, methods=["GET"]),
     Route("/circuit-breaker/reset", breaker_reset, methods=["POST"]),

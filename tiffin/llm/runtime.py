@@ -63,8 +63,14 @@ class LLM:
             backend, settings.breaker_failure_threshold, settings.breaker_reset_timeout_s
         )
         # Create the metrics now (in the worker, where the multiprocess directory is set):
-        # creating them lazily cost the first request about a second.
+        # creating them lazily cost the first request about a second. Touching the label sets
+        # exports them at 0, so a dashboard sees "no failures" rather than "no data".
         self._publish_breaker()
+        m = llm_metrics()
+        for stage in ("attempt", "final"):
+            m.structured_failures.labels(self.model_id, self.engine_kind, stage)
+        for kind in ("prompt", "completion"):
+            m.tokens.labels(self.model_id, self.engine_kind, kind)
 
     @classmethod
     def from_settings(cls, settings: LLMSettings | None = None) -> LLM:
