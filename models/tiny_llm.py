@@ -10,8 +10,8 @@ template) saved to the BentoML model store as `tiffin-tiny-llm:v1`.
 Its text is nonsense that merely looks like the corpus; it exists so that every code path of the
 LLM runner (streaming, token accounting, constrained decoding, the OpenAI-compatible API) runs for
 real in tests and on a fresh machine. A version already in the store is kept unless `--force`.
-Everything is seeded, so two builds produce the same tokenizer and (on one machine) the same
-weights.
+Everything is seeded: two builds produce the same tokenizer, and weights that differ at most by
+floating-point summation order.
 """
 
 from __future__ import annotations

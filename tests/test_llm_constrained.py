@@ -185,6 +185,7 @@ def test_tiny_model_output_validates_for_every_schema(llm: LLM, name: str) -> No
         params = llm.params(budget, temperature=1.0, seed=seed, structured=True)
         result = await llm.structured(prompt, params, target)
         assert result.finished.completion_tokens <= budget
+        assert result.attempts == 1, "constrained decoding needed a retry"
         return result.value
 
     async def all_runs() -> list[Any]:

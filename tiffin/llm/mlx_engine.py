@@ -45,7 +45,15 @@ log = logging.getLogger("tiffin.llm")
 def resolve_source(settings: LLMSettings) -> str:
     """The directory (or hub id) mlx-lm loads: MODEL_PATH, else the BentoML model store."""
     if settings.model_path:
-        return settings.model_path
+        path = Path(settings.model_path).expanduser()
+        if path.exists():
+            return str(path)
+        looks_local = settings.model_path.startswith(("/", ".", "~")) or (
+            settings.model_path.count("/") != 1
+        )
+        if looks_local:  # never send a missing local path to the hub as if it were a repo id
+            raise LLMUnavailable(f"model directory {settings.model_path!r} does not exist")
+        return settings.model_path  # a hub id (org/name), downloaded when the hub is reachable
     import bentoml
 
     tag = settings.model_name if ":" in settings.model_name else f"{settings.model_name}:latest"

@@ -146,7 +146,8 @@ class LLMSettings(BaseSettings):
     screening. The rules are in `tiffin/llm/guards.py` and docs/llm.md."""
 
     api_key: SecretStr | None = None
-    """When set, `/openai/v1` requires `Authorization: Bearer <api_key>`."""
+    """When set, `/openai/v1` and `POST /circuit-breaker/reset` require
+    `Authorization: Bearer <api_key>`."""
 
     # --- constrained decoding --------------------------------------------------------------
 
