@@ -32,8 +32,9 @@ from tiffin.llm.settings import llm_settings
 SETTINGS = llm_settings()
 
 
-def _packaged_model() -> Any:
-    """The tiny model, declared for `bentoml build` when it is what this runner serves."""
+def packaged_llm_model() -> Any:
+    """The tiny model as a BentoModel, for `bentoml build`, when it is what the LLM serves and
+    it is in the store (None otherwise: a service must still start without it)."""
     from bentoml.models import BentoModel
 
     default = SETTINGS.model_name in (tiny_llm.NAME, f"{tiny_llm.NAME}:{tiny_llm.VERSION}")
@@ -75,7 +76,7 @@ class LLMRunner(LLMEndpoints):
         self.llm: LLM = install_llm(SETTINGS)
 
 
-_model = _packaged_model()
+_model = packaged_llm_model()
 if _model is not None:
     LLMRunner.models.append(_model)  # type: ignore[attr-defined]
 LLMRunner.add_asgi_middleware(ClientErrorMiddleware)  # type: ignore[attr-defined]

@@ -93,14 +93,15 @@ def serve(target: str, env: dict[str, str], log_name: str) -> Served:
     port = free_port()
     log = Path(BENTOML_HOME, log_name)
     command = [sys.executable, "-m", "bentoml", "serve", target]
-    proc = subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO,
-        env={**os.environ, "BENTOML_HOME": BENTOML_HOME, **env},
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with log.open("wb") as out:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [*command, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO,
+            env={**os.environ, "BENTOML_HOME": BENTOML_HOME, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -340,7 +341,7 @@ def test_llm_endpoints_answer_503_with_breaker_state_never_hang(tiffin_llm_down:
         assert out.status_code == 503, out.text
         states.append(out.json()["breaker"]["state"])
     assert states == ["closed", "open", "open"]
-    assert "Retry-After" in out.headers or "retry-after" in out.headers
+    assert int(out.headers["retry-after"]) >= 1
     structured = tiffin_llm_down.post(
         "/generate/structured", {"prompt": "x", "response_model": "sentiment"}
     )
@@ -355,6 +356,20 @@ def test_llm_endpoints_answer_503_with_breaker_state_never_hang(tiffin_llm_down:
     )
     assert chat.status_code == 503
     assert chat.json()["error"]["breaker"]["state"] == "open"
+    # streaming requests are refused before the stream starts, not with a 200 and an error event
+    streamed = tiffin_llm_down.post("/generate", {"prompt": "hello", "stream": True}, timeout=15)
+    assert streamed.status_code == 503
+    assert streamed.json()["breaker"]["state"] == "open"
+    chat_stream = httpx.post(
+        f"{tiffin_llm_down.url}/openai/v1/chat/completions",
+        json={
+            "model": "tiffin-tiny-llm",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+        },
+        timeout=15,
+    )
+    assert chat_stream.status_code == 503
 
 
 def test_health_says_the_llm_is_down_and_reset_closes_the_breaker(

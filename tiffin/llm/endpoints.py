@@ -137,7 +137,7 @@ class LLMEndpoints:
                 return cast(
                     GenerateResponse,
                     StreamingResponse(
-                        _sse(llm, llm.stream(prompt, params), started),
+                        _sse(llm, llm.stream(prompt, params, checked=True), started),
                         media_type="text/event-stream",
                         headers={"Cache-Control": "no-cache"},
                     ),

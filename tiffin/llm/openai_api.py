@@ -314,7 +314,7 @@ async def _chat_stream(
     else:
         yield chunk({"role": "assistant", "content": ""})
     try:
-        async for event in llm.stream(prompt, params, target, "openai_chat"):
+        async for event in llm.stream(prompt, params, target, "openai_chat", checked=True):
             if isinstance(event, Delta):
                 if tool is not None:
                     yield chunk(
@@ -410,7 +410,7 @@ async def _completion_stream(
         )
 
     try:
-        async for event in llm.stream(prompt, params, None, "openai_completions"):
+        async for event in llm.stream(prompt, params, None, "openai_completions", checked=True):
             if isinstance(event, Delta):
                 yield chunk(event.text)
                 continue

@@ -263,19 +263,18 @@ class LLM:
             )
         return self.engine
 
+    def _breaker_open(self) -> LLMUnavailable:
+        status = self.breaker.status()
+        self._publish_breaker()
+        return LLMUnavailable(
+            f"the LLM backend ({self.backend}) is failing; the circuit breaker is open "
+            f"and retries in {status['retry_after_s']:.1f}s",
+            {"component": "llm", "breaker": status, "retry_after_s": status["retry_after_s"]},
+        )
+
     def _admit(self) -> None:
         if not self.breaker.allow():
-            status = self.breaker.status()
-            self._publish_breaker()
-            raise LLMUnavailable(
-                f"the LLM backend ({self.backend}) is failing; the circuit breaker is open "
-                f"and retries in {status['retry_after_s']:.1f}s",
-                {
-                    "component": "llm",
-                    "breaker": status,
-                    "retry_after_s": status["retry_after_s"],
-                },
-            )
+            raise self._breaker_open()
 
     def _failed(self, exc: BackendFailure) -> LLMUnavailable:
         self.breaker.record_failure(exc.message)
@@ -325,6 +324,8 @@ class LLM:
         """Everything that can be refused before the engine runs (called by `stream` and
         `structured`; exposed so a streaming endpoint can fail with a 4xx before it starts)."""
         engine = self._require()
+        if self.breaker.state == "open":  # fail before a stream starts; a trial is taken later
+            raise self._breaker_open()
         self.screen(prompt)
         window = engine.context_window
         if window:
@@ -352,13 +353,15 @@ class LLM:
         params: GenerationParams,
         target: StructuredTarget | None = None,
         endpoint: str = "generate",
+        checked: bool = False,
     ) -> AsyncIterator[Event]:
-        """Sanitized deltas then one Finished. Structured streams are validated at the end."""
+        """Sanitized deltas then one Finished. Structured streams are validated at the end.
+        `checked`: the caller already ran `check` (to answer 4xx/503 before streaming)."""
         started = time.monotonic()
         status = "error"
         admitted = False
         try:
-            engine = await self.check(prompt, params, target)
+            engine = self._require() if checked else await self.check(prompt, params, target)
             self._admit()
             admitted = True
             parts: list[str] = []
