@@ -444,3 +444,28 @@ def test_model_path_directory_and_missing_directory(llm: LLM) -> None:
     assert (
         missing.unavailable_reason == "model directory '/nonexistent/models/default' does not exist"
     )
+
+
+def test_explanation_falls_back_to_the_rules_as_the_same_structure(llm: LLM) -> None:
+    from tiffin.llm.explain import explain_fraud_or_rules
+
+    context = {
+        "fraud_score": 0.12,
+        "risk_level": "low",
+        "recommended_action": "approve",
+        "top_risk_factors": ["amount_vs_avg"],
+        "explanation": "Low risk: amount in line with the card's history",
+    }
+    disabled = LLM.from_settings(LLMSettings(enabled=False))
+    rules, source = asyncio.run(explain_fraud_or_rules(context, disabled))
+    assert source == "rules"
+    assert rules == FraudExplanation(
+        summary="Low risk: amount in line with the card's history",
+        risk_level="low",
+        key_factors=["amount_vs_avg"],
+        recommended_action="approve",
+        confidence=0.88,
+    )
+    written, source = asyncio.run(explain_fraud_or_rules(context, llm, timeout_ms=20_000))
+    assert source == "llm"
+    assert isinstance(written, FraudExplanation)

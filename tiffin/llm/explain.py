@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from tiffin.errors import InvalidInput
 from tiffin.llm import runtime
@@ -101,3 +101,28 @@ async def explain_fraud(
         _fallback(llm, "fallback_error")
         return None
     return FraudExplanation.model_validate(result.value)
+
+
+def rule_based_explanation(context: Mapping[str, Any]) -> FraudExplanation:
+    """The same structure, from the rule-based fields `/score/fraud` always computes."""
+    score = float(context.get("fraud_score", 0.0))
+    factors = [str(f)[:40] for f in (context.get("top_risk_factors") or [])][:3]
+    level = context.get("risk_level")
+    action = context.get("recommended_action")
+    return FraudExplanation(
+        summary=str(context.get("explanation") or f"fraud score {score:.3f}")[:160] or "n/a",
+        risk_level=level if level in ("low", "medium", "high") else "medium",
+        key_factors=factors or ["no dominant risk factor"],
+        recommended_action=action if action in ("approve", "review", "decline") else "review",
+        confidence=round(min(1.0, max(0.0, max(score, 1 - score))), 6),
+    )
+
+
+async def explain_fraud_or_rules(
+    context: Mapping[str, Any], llm: LLM | None = None, timeout_ms: float | None = None
+) -> tuple[FraudExplanation, Literal["llm", "rules"]]:
+    """Always a FraudExplanation: the LLM's when it answers in time, else the rule-based one."""
+    written = await explain_fraud(context, llm, timeout_ms)
+    if written is not None:
+        return written, "llm"
+    return rule_based_explanation(context), "rules"
