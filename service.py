@@ -47,6 +47,7 @@ def _fill_embedded(store: EmbeddedFeatureStore) -> None:
     workers=SERVER.workers,
     traffic={"timeout": 30, "max_concurrency": 512},
     http={"port": SERVER.port},
+    logging={"access": {"enabled": SERVER.access_log}},
 )
 class Tiffin:
     card_fraud = bentoml.depends(CardFraudRunner)

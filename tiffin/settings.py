@@ -39,6 +39,10 @@ class ServerSettings(BaseSettings):
     )
     """`production` refuses unsafe defaults; `development` is what `make serve` runs."""
 
+    access_log: bool = False
+    """BentoML's per-request access log line. Off by default: writing it costs more CPU than
+    scoring a request (docs/benchmarks.md); metrics and traces still cover every request."""
+
     max_batch_rows: int = Field(1024, ge=1, le=100_000)
     """Largest number of rows one batch request may carry; larger batches get a 4xx."""
 
