@@ -1,21 +1,23 @@
 """Tiffin's benchmark: open-loop load stepped until p99 breaks, Tiffin and its peers in one run.
 
-    python -m bench.run                       # everything (`make bench`), ~12 minutes
-    python -m bench.run --quick               # shorter steps, fewer refinements
+    python -m bench.run                       # everything (`make bench`), ~13 minutes
+    python -m bench.run --quick               # shorter steps, one refinement, ~7 minutes
     python -m bench.run --systems tiffin --workloads score_fraud   # iterate on one endpoint
     python -m bench.run --url http://127.0.0.1:3000 --workloads score_fraud  # a running Tiffin
 
-For every (system, workload) it offers a constant arrival rate (`bench.loadgen`, latency from the
-scheduled send time into an HDR histogram), doubling from the workload's start rate until a step
-breaks (p99 over the workload's SLO, more than 0.1% errors, or achieved rate under 95% of offered),
-then bisects between the last good and the first bad rate. The highest good rate is the maximum
-sustained rate. Each step also records CPU seconds per request and RSS summed over the system's
-whole process tree, and the shared Redis's CPU. For Tiffin it then holds half its maximum rate to
-report the latency a half-loaded server gives.
-
-Systems (each its own process tree on 127.0.0.1, started one after another against one seeded
-redis-server): `tiffin` (bentoml serve service:Tiffin), `seed` (bench/baselines/seed_style.py),
-`reference` (bench/baselines/reference.py), `mlserver` (MLServer 1.7.1 in bench/.venvs/mlserver).
+Every system is started first, each its own process tree on 127.0.0.1 against one seeded
+redis-server, and stays up side by side: `tiffin` (bentoml serve service:Tiffin), `seed`
+(bench/baselines/seed_style.py), `reference` (bench/baselines/reference.py), `mlserver` (MLServer
+1.7.1 in bench/.venvs/mlserver). Then, workload by workload, the systems that serve it are ramped
+in lockstep (round by round each takes its next step), so bursts of outside load on this shared box
+fall on all of them alike. A step offers a constant arrival rate (`bench.loadgen`: open loop,
+latency from the scheduled send time, HDR histogram); a ramp doubles from the workload's start
+rate until a step breaks (p99 over the workload's SLO, more than 0.1% errors, achieved rate under
+95% of offered; every break is confirmed by a second try), then bisects between the last good and
+the first bad rate. The highest good rate is the maximum sustained rate. Each step records CPU
+seconds per request and RSS summed over the system's whole process tree, the shared Redis's CPU,
+and the CPU used by processes outside the benchmark. Tiffin then holds half its maximum rate
+twice as long, for the latency of a half-loaded server.
 Results: a table on stdout, `bench/results/latest.json` and `bench/results/latest.md`.
 """
 
@@ -29,6 +31,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +40,7 @@ from typing import Any
 import psutil
 
 from bench import systems as sysmod
-from bench.loadgen import StepResult, run_step
+from bench.loadgen import StepResult, encode_post, run_step
 from bench.workloads import WORKLOADS, Workload, bodies
 
 MAX_ERROR_RATE = 0.001
@@ -171,26 +174,60 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def ramp(
-    measured: Measured,
-    host: str,
-    port: int,
-    system: str,
-    workload: Workload,
-    duration: float,
-    refine: int,
-    half: bool,
-) -> Ramp:
-    path, reqs_body = bodies(workload, system)
-    from bench.loadgen import encode_post
+def plan(start: float, refine: int) -> Generator[float, bool, None]:
+    """The rates of one ramp: double until a step breaks, then bisect (geometric) `refine` times.
 
-    reqs = [encode_post(host, port, path, b) for b in reqs_body]
-    out = Ramp(system, workload.name)
-    slo = workload.slo_p99_ms
+    Sent whether each step held; if even the start rate breaks, walk down by halves.
+    """
+    good: float | None = None
+    bad: float | None = None
+    rate = start
+    while rate <= MAX_RATE:
+        if (yield rate):
+            good, rate = rate, rate * 2
+        else:
+            bad = rate
+            break
+    if good is None and bad is not None:
+        rate = bad / 2
+        for _ in range(4):
+            if (yield rate):
+                good = rate
+                break
+            bad, rate = rate, rate / 2
+    if good is not None and bad is not None:
+        for _ in range(refine):
+            mid = math.sqrt(good * bad)
+            if (yield mid):
+                good = mid
+            else:
+                bad = mid
 
-    def run(rate: float, seconds: float, label: str = "") -> Step:
+
+class Runner:
+    """Runs one system's steps for one workload, confirming every break with a second try."""
+
+    def __init__(
+        self,
+        measured: Measured,
+        system: str,
+        port: int,
+        workload: Workload,
+        host: str = "127.0.0.1",
+    ) -> None:
+        path, raw = bodies(workload, system)
+        self.reqs = [encode_post(host, port, path, b) for b in raw]
+        self.measured = measured
+        self.host = host
+        self.port = port
+        self.system = system
+        self.workload = workload
+        self.ramp = Ramp(system, workload.name)
+
+    def run(self, rate: float, seconds: float, label: str = "") -> Step:
+        slo = self.workload.slo_p99_ms
         for attempt in range(1, CONFIRM_TRIES + 1):
-            s = measured.step(host, port, reqs, rate, seconds, slo)
+            s = self.measured.step(self.host, self.port, self.reqs, rate, seconds, slo)
             s.tries = attempt
             if s.passed or attempt == CONFIRM_TRIES or label:
                 break
@@ -198,52 +235,45 @@ def ramp(
                 f"  (step at {rate:.1f}/s broke: {s.why}; other processes used "
                 f"{s.other_cores:.2f} cores; confirming)"
             )
-            measured.settle(2.0)
+            self.measured.settle(2.0)
         r = s.result
         _log(
-            f"{label or '  '}{system:<10}{workload.name:<16}{rate:>9.1f}/s -> "
+            f"{label or '  '}{self.system:<10}{self.workload.name:<16}{rate:>9.1f}/s -> "
             f"{r.achieved_rps:>8.1f}/s "
             f"p50 {r.p50_ms:>7.2f} p99 {r.p99_ms:>8.2f} p99.9 {r.p999_ms:>8.2f} ms "
             f"err {r.n_errors:<5} cpu {s.cpu_ms_per_req:.2f} ms/req other {s.other_cores:.2f} "
             f"{'ok' if s.passed else 'BREAK: ' + s.why}"
         )
-        measured.settle(0.5 if s.passed else 2.0)
+        self.measured.settle(0.5 if s.passed else 2.0)
         return s
 
-    run(workload.start_rps, min(2.0, duration), "w ")  # warm-up, not reported
-    good: float | None = None
-    bad: float | None = None
-    rate = workload.start_rps
-    while rate <= MAX_RATE:
-        s = run(rate, duration)
-        out.steps.append(s)
-        if s.passed:
-            good, out.best = rate, s
-            rate *= 2
-        else:
-            bad = rate
-            break
-    if good is None and bad is not None:  # even the start rate breaks: walk down
-        rate = bad / 2
-        for _ in range(4):
-            s = run(rate, duration)
-            out.steps.append(s)
-            if s.passed:
-                good, out.best = rate, s
-                break
-            bad, rate = rate, rate / 2
-    if good is not None and bad is not None:
-        for _ in range(refine):
-            mid = math.sqrt(good * bad)
-            s = run(mid, duration)
-            out.steps.append(s)
-            if s.passed:
-                good, out.best = mid, s
-            else:
-                bad = mid
-    if half and out.best is not None:
-        out.half = run(out.max_rps / 2, duration * 2)
-    return out
+
+def interleaved(
+    runners: list[Runner], duration: float, refine: int, half_for: set[str]
+) -> list[Ramp]:
+    """Ramp every system of one workload in lockstep: round by round, each system takes its next
+    step in turn, so a burst of outside load on this shared box falls on all of them alike."""
+    for r in runners:
+        r.run(r.workload.start_rps, min(2.0, duration), "w ")  # warm-up, not reported
+    plans = {id(r): plan(r.workload.start_rps, refine) for r in runners}
+    pending = {id(r): next(plans[id(r)]) for r in runners}
+    while pending:
+        for r in runners:
+            rate = pending.get(id(r))
+            if rate is None:
+                continue
+            step = r.run(rate, duration)
+            r.ramp.steps.append(step)
+            if step.passed and (r.ramp.best is None or rate > r.ramp.max_rps):
+                r.ramp.best = step
+            try:
+                pending[id(r)] = plans[id(r)].send(step.passed)
+            except StopIteration:
+                del pending[id(r)]
+    for r in runners:
+        if r.system in half_for and r.ramp.best is not None:
+            r.ramp.half = r.run(r.ramp.max_rps / 2, duration * 2)
+    return [r.ramp for r in runners]
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -465,51 +495,46 @@ def main(argv: list[str] | None = None) -> int:
 
             u = urlsplit(args.url)
             m = Measured(None, None)
+            half = set() if args.no_half else {"tiffin"}
             for wl in loads:
                 if "tiffin" in wl.routes:
-                    ramps[("tiffin", wl.name)] = ramp(
-                        m,
-                        u.hostname or "127.0.0.1",
-                        u.port or 80,
-                        "tiffin",
-                        wl,
-                        args.duration,
-                        args.refine,
-                        not args.no_half,
-                    )
+                    one = Runner(m, "tiffin", u.port or 80, wl, u.hostname or "127.0.0.1")
+                    (only,) = interleaved([one], args.duration, args.refine, half)
+                    ramps[("tiffin", wl.name)] = only
         else:
             _log("starting a seeded redis-server ...")
             redis = sysmod.Redis()
-            for name in chosen:
-                mine = [wl for wl in loads if name in wl.routes]
-                if not mine:
-                    continue
-                factory = sysmod.FACTORIES[name]
-                if name == "tiffin":
-                    system = sysmod.tiffin(redis.url, args.workers, args.rss_exclude)
-                elif name == "reference":
-                    system = sysmod.reference(redis.url, args.reference_contribs)
-                else:
-                    system = factory(redis.url)
-                _log(f"starting {system.title} ...")
-                system.start()
-                startup[name] = round(system.started_s, 1)
-                m = Measured(system, redis)
-                try:
-                    for wl in mine:
-                        ramps[(name, wl.name)] = ramp(
-                            m,
-                            "127.0.0.1",
-                            system.port,
-                            name,
-                            wl,
-                            args.duration,
-                            args.refine,
-                            half=name == "tiffin" and not args.no_half,
-                        )
-                    rss[name] = round(m.peak_rss_mb, 1)
+            running: dict[str, sysmod.System] = {}
+            measured: dict[str, Measured] = {}
+            try:
+                for name in chosen:  # every system up side by side, idle until its turn
+                    if not any(name in wl.routes for wl in loads):
+                        continue
+                    if name == "tiffin":
+                        system = sysmod.tiffin(redis.url, args.workers, args.rss_exclude)
+                    elif name == "reference":
+                        system = sysmod.reference(redis.url, args.reference_contribs)
+                    else:
+                        system = sysmod.FACTORIES[name](redis.url)
+                    _log(f"starting {system.title} ...")
+                    running[name] = system
+                    system.start()
+                    startup[name] = round(system.started_s, 1)
+                    measured[name] = Measured(system, redis)
+                half_for = set() if args.no_half else {"tiffin"}
+                for wl in loads:
+                    runners = [
+                        Runner(measured[n], n, running[n].port, wl)
+                        for n in chosen
+                        if n in wl.routes and n in running
+                    ]
+                    for done in interleaved(runners, args.duration, args.refine, half_for):
+                        ramps[(done.system, done.workload)] = done
+                for name, system in running.items():
+                    rss[name] = round(measured[name].peak_rss_mb, 1)
                     procs[name] = sysmod.describe(system.processes())
-                finally:
+            finally:
+                for system in running.values():
                     system.stop()
     finally:
         if redis is not None:
@@ -534,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"  p99 {h.p99_ms:.2f}"
                     f"  p99.9 {h.p999_ms:.2f} ms  errors {h.n_errors}/{h.sent}"
                     f"  CPU {r.half.cpu_ms_per_req:.2f} ms/req"
+                    f"  other load {r.half.other_cores:.2f} cores"
                 )
     if rss:
         print(
