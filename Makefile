@@ -27,6 +27,7 @@ redis-server:
 # Trains or imports only what the model store lacks; MODEL_DIR (seed 000 layout) is imported too.
 train: setup
 	$(PY) -m models.train
+	$(PY) -m models.tiny_llm
 	@if [ -n "$${MODEL_DIR:-$${TIFFIN_MODEL_DIR:-}}" ]; then $(PY) -m models.importer "$${MODEL_DIR:-$$TIFFIN_MODEL_DIR}"; fi
 
 # Writes the generated entity history to Redis when REDIS_URL/REDIS_HOST is set.

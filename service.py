@@ -16,12 +16,18 @@ from runners.bid import BidRunner
 from runners.card_fraud import CardFraudRunner
 from runners.ctr import CtrRunner
 from runners.generic import GenericRunner
+from runners.llm import packaged_llm_model
 from runners.personalization import PersonalizationRunner
 from tiffin import admin, ops, schemas
 from tiffin.auth import auth_settings, check_startup
 from tiffin.feature_store import EmbeddedFeatureStore, open_store
 from tiffin.http_errors import ClientErrorMiddleware
 from tiffin.lifecycle import LifecycleManager
+from tiffin.llm import openai_api
+from tiffin.llm import routes as llm_routes
+from tiffin.llm.endpoints import LLMEndpoints
+from tiffin.llm.runtime import install_llm
+from tiffin.llm.settings import llm_settings
 from tiffin.model_pool import ModelPool
 from tiffin.scoring import Scoring
 from tiffin.settings import feature_store_settings, model_settings, server_settings
@@ -31,7 +37,7 @@ from tiffin.traffic import TrafficSettings, open_backend
 SERVER = server_settings()
 logging.getLogger("tiffin").setLevel(SERVER.log_level)
 check_startup(auth_settings(), SERVER.environment)
-ops.app.router.routes.extend(admin.routes)
+ops.app.router.routes.extend([*admin.routes, *llm_routes.routes])
 
 
 def _fill_embedded(store: EmbeddedFeatureStore) -> None:
@@ -41,15 +47,17 @@ def _fill_embedded(store: EmbeddedFeatureStore) -> None:
         store.write_sync(table.kind, table.ids, table.records, table.written_at)
 
 
+@bentoml.asgi_app(openai_api.app, path="/openai")  # OpenAI-compatible base URL: /openai/v1
 @bentoml.asgi_app(ops.app, path="/")
 @bentoml.service(
     name="tiffin",
     workers=SERVER.workers,
-    traffic={"timeout": 30, "max_concurrency": 512},
+    # the LLM's own deadline governs generation; tabular requests answer in milliseconds
+    traffic={"timeout": max(30, llm_settings().request_timeout_s + 10), "max_concurrency": 512},
     http={"port": SERVER.port},
     logging={"access": {"enabled": SERVER.access_log}},
 )
-class Tiffin:
+class Tiffin(LLMEndpoints):
     card_fraud = bentoml.depends(CardFraudRunner)
     personalization = bentoml.depends(PersonalizationRunner)
     ad_fraud = bentoml.depends(AdFraudRunner)
@@ -75,6 +83,8 @@ class Tiffin:
         v1_model = model_settings().v1_model
         self.scoring = Scoring(pool_of, store, v1_model, lifecycle)
         admin.context.lifecycle, admin.context.v1_model = lifecycle, v1_model
+        self.llm = install_llm()
+        ops.state.probes["llm"] = llm_routes.health_component
         ops.state.store = store
         ops.state.lifecycle = lifecycle
         ops.state.loaded_versions = lambda: {
@@ -144,4 +154,6 @@ class Tiffin:
 
 Tiffin.add_asgi_middleware(ClientErrorMiddleware)  # type: ignore[attr-defined]
 serve_runners_in_process(Tiffin)
+if (_llm_model := packaged_llm_model()) is not None:  # None until models.tiny_llm has run
+    Tiffin.models.append(_llm_model)  # type: ignore[attr-defined]
 cache_output_media_types(Tiffin)

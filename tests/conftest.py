@@ -85,10 +85,12 @@ class RedisServer:
 
 @pytest.fixture(scope="session")
 def model_store() -> str:
-    """Every default model, trained for real on generated data (smaller sets keep CI fast)."""
-    from models import train
+    """Every default model, trained for real on generated data (smaller sets keep CI fast), and
+    the tiny Llama the LLM runner serves, built by the project's own command."""
+    from models import tiny_llm, train
 
     assert train.main(["--rows", TRAIN_ROWS]) == 0
+    tiny_llm.ensure()
     return BENTOML_HOME
 
 

@@ -63,6 +63,17 @@ def test_unknown_card_falls_back_to_defaults_and_says_so(client) -> None:
     assert out["feature_freshness_sec"] is None
 
 
+def test_score_fraud_can_add_a_schema_valid_llm_explanation(client) -> None:
+    from tiffin.llm.response_models import FraudExplanation
+
+    out = client.score_fraud(**seed.CARD_FRAUD, llm_explanation=True)
+    assert out["llm_explanation_source"] in ("llm", "rules")
+    explanation = FraudExplanation.model_validate(out["llm_explanation"])
+    assert explanation.risk_level in ("low", "medium", "high")
+    plain = client.score_fraud(**seed.CARD_FRAUD)
+    assert plain["llm_explanation"] is None and plain["fraud_score"] == out["fraud_score"]
+
+
 def test_personalization_seed_example(client) -> None:
     out = client.score_personalization(**seed.PERSONALIZATION)
     for field in (

@@ -7,7 +7,7 @@ service. The entry service binds its live state here when a worker starts.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ class OpsState:
     loaded_versions: Callable[[], dict[str, list[dict[str, Any]]]] | None = None
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
     lifecycle: Any = None  # tiffin.lifecycle.LifecycleManager, bound by the entry service
+    probes: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = field(default_factory=dict)
 
 
 state = OpsState()
@@ -56,6 +57,8 @@ async def health(_: Request) -> Response:
             "revision": state.lifecycle.applied_revision,
         }
     components.update(state.components)
+    for name, probe in state.probes.items():
+        components[name] = await probe()
     statuses = {c.get("status") for c in components.values()}
     overall = "ok" if statuses <= {"ok", "disabled"} else "degraded"
     return JSON(

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tiffin.featurize import AD_FORMATS, COMPETITION_LEVELS
+from tiffin.llm.response_models import FraudExplanation
 from tiffin.settings import server_settings
 
 NonEmptyId = Annotated[str, Field(min_length=1, max_length=128)]
@@ -95,6 +96,9 @@ class CardFraudRequest(_Request):
     merchant_id: NonEmptyId | None = None
     mcc_code: str | None = Field(None, pattern=r"^\d{4}$")
     country_code: str | None = Field(None, pattern=r"^[A-Za-z]{2}$")
+    llm_explanation: bool = False
+    """Also return an LLM-written, schema-valid explanation (rule-based when the LLM is slow or
+    unavailable)."""
 
 
 class PersonalizationRequest(_Request):
@@ -124,6 +128,8 @@ class CardFraudResponse(BaseModel):
     feature_freshness_sec: int | None
     card_id: str
     features: FeatureStatus
+    llm_explanation: FraudExplanation | None = None
+    llm_explanation_source: Literal["llm", "rules"] | None = None
 
 
 class PersonalizationResponse(BaseModel):

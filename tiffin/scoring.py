@@ -23,6 +23,7 @@ from tiffin import featurize as fz
 from tiffin.errors import InvalidInput, ModelNotFound, ModelUnavailable
 from tiffin.feature_store import EntityLookup, FeatureStore
 from tiffin.lifecycle import LifecycleManager
+from tiffin.llm.explain import explain_fraud_or_rules
 from tiffin.metrics import metrics
 from tiffin.model_pool import ModelPool
 from tiffin.runtimes import LoadedModel
@@ -46,6 +47,13 @@ from tiffin.schemas import (
 RiskLevel = Literal["low", "medium", "high"]
 Action = Literal["approve", "review", "decline"]
 log = logging.getLogger("tiffin.scoring")
+_EXPLAINED_FIELDS = (
+    "fraud_score",
+    "risk_level",
+    "recommended_action",
+    "top_risk_factors",
+    "explanation",
+)
 FRAUD_FAMILIES = {"fraud_detection", "fraud", "card_fraud"}
 
 
@@ -338,7 +346,15 @@ class Scoring:
         return model.version, results
 
     async def card_fraud(self, req: CardFraudRequest) -> CardFraudResponse:
-        return (await self.card_fraud_many([req]))[1][0]
+        response = (await self.card_fraud_many([req]))[1][0]
+        if req.llm_explanation:
+            context = {
+                **req.model_dump(exclude={"llm_explanation"}),
+                **response.model_dump(include=set(_EXPLAINED_FIELDS)),
+            }
+            written, source = await explain_fraud_or_rules(context)
+            response.llm_explanation, response.llm_explanation_source = written, source
+        return response
 
     async def personalization_many(
         self, reqs: Sequence[PersonalizationRequest], pinned: str | None = None
