@@ -56,6 +56,8 @@ def _fill_embedded(store: EmbeddedFeatureStore) -> None:
     traffic={"timeout": max(30, llm_settings().request_timeout_s + 10), "max_concurrency": 512},
     http={"port": SERVER.port},
     logging={"access": {"enabled": SERVER.access_log}},
+    metrics={"enabled": SERVER.http_metrics},
+    tracing={} if SERVER.tracing else {"excluded_urls": ["."]},
 )
 class Tiffin(LLMEndpoints):
     card_fraud = bentoml.depends(CardFraudRunner)

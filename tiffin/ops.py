@@ -132,6 +132,21 @@ async def v1_models(_: Request) -> Response:
     return JSON({"models": models})
 
 
+async def prometheus(_: Request) -> Response:
+    """Every worker's metrics (BentoML serves this itself only when its HTTP metrics are on)."""
+    import os
+
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+    registry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
 app = Starlette(
     routes=[
         Route("/health", health),
@@ -139,5 +154,6 @@ app = Starlette(
         Route("/models", list_models),
         Route("/models/{name}", get_model),
         Route("/v1/models", v1_models),
+        Route("/metrics", prometheus),
     ]
 )

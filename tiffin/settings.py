@@ -43,6 +43,14 @@ class ServerSettings(BaseSettings):
     """BentoML's per-request access log line. Off by default: writing it costs more CPU than
     scoring a request (docs/benchmarks.md); metrics and traces still cover every request."""
 
+    tracing: bool = False
+    """OpenTelemetry spans for every request (configure the exporter with BentoML's `tracing`
+    settings). Off by default: creating spans costs ~10% of a scoring request's CPU."""
+
+    http_metrics: bool = False
+    """BentoML's generic per-route `bentoml_service_*` metrics, on top of Tiffin's per-model
+    ones. Off by default for the same reason; `/metrics` is served either way."""
+
     max_batch_rows: int = Field(1024, ge=1, le=100_000)
     """Largest number of rows one batch request may carry; larger batches get a 4xx."""
 
