@@ -445,6 +445,23 @@ def versions() -> dict[str, str]:
     return out
 
 
+def revision() -> str:
+    """The commit measured, and any uncommitted changes to what is served (read-only git)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        got = subprocess.run(["git", *args], cwd=sysmod.REPO, capture_output=True, text=True)
+        return got.stdout.strip() if got.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = [
+        line[3:]
+        for line in git("status", "--porcelain").splitlines()
+        if line[3:].startswith(("service.py", "tiffin/", "runners/", "models/", "bench/"))
+    ]
+    return head + (f" + uncommitted changes to {', '.join(dirty)}" if dirty else "")
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -576,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "revision": revision(),
         "machine": machine(),
         "versions": versions(),
         "step_seconds": args.duration,
@@ -590,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     md = [
         f"Run {meta['when']}, `{meta['command']}`, {meta['elapsed_min']} min.",
-        f"Machine: {meta['machine']}.",
+        f"Revision: {meta['revision']}. Machine: {meta['machine']}.",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
         "",
         markdown_table(HEADERS, rows),
