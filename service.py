@@ -20,6 +20,7 @@ from runners.llm import packaged_llm_model
 from runners.personalization import PersonalizationRunner
 from tiffin import admin, ops, schemas
 from tiffin.auth import auth_settings, check_startup
+from tiffin.fast_path import FastPathMiddleware, bound
 from tiffin.feature_store import EmbeddedFeatureStore, open_store
 from tiffin.http_errors import ClientErrorMiddleware
 from tiffin.lifecycle import LifecycleManager
@@ -84,6 +85,7 @@ class Tiffin(LLMEndpoints):
         lifecycle = LifecycleManager(pool_of, backend, traffic).start()
         v1_model = model_settings().v1_model
         self.scoring = Scoring(pool_of, store, v1_model, lifecycle)
+        bound.scoring = self.scoring
         admin.context.lifecycle, admin.context.v1_model = lifecycle, v1_model
         self.llm = install_llm()
         ops.state.probes["llm"] = llm_routes.health_component
@@ -155,6 +157,7 @@ class Tiffin(LLMEndpoints):
 
 
 Tiffin.add_asgi_middleware(ClientErrorMiddleware)  # type: ignore[attr-defined]
+Tiffin.add_asgi_middleware(FastPathMiddleware)  # type: ignore[attr-defined]
 serve_runners_in_process(Tiffin)
 if (_llm_model := packaged_llm_model()) is not None:  # None until models.tiny_llm has run
     Tiffin.models.append(_llm_model)  # type: ignore[attr-defined]
