@@ -501,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [s for s in SYSTEM_ORDER if s in args.systems.split(",")]
     loads = [WORKLOADS[w] for w in args.workloads.split(",")]
     started = time.perf_counter()
+    measured_revision = revision()  # before any server starts: what they import
     ramps: dict[tuple[str, str], Ramp] = {}
     rss: dict[str, float] = {}
     procs: dict[str, list[dict[str, object]]] = {}
@@ -593,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "revision": revision(),
+        "revision": measured_revision,
         "machine": machine(),
         "versions": versions(),
         "step_seconds": args.duration,
