@@ -52,7 +52,7 @@ test: setup redis-server lint typecheck
 	$(VENV)/bin/pytest -q
 
 # Issue 3's benchmark: Tiffin, a seed-style service, a hand-tuned reference and MLServer, stepped
-# open-loop load until p99 breaks (~12 min); table on stdout, JSON/Markdown in bench/results/.
+# open-loop load until p99 breaks (12-14 min); table on stdout, JSON/Markdown in bench/results/.
 # Then the engine micro-benchmark. Iterate on one endpoint with `make bench-quick ARGS="..."`.
 .PHONY: bench-setup bench-quick bench-profile
 bench: setup redis-server train bench-setup

@@ -1,6 +1,6 @@
 """Tiffin's benchmark: open-loop load stepped until p99 breaks, Tiffin and its peers in one run.
 
-    python -m bench.run                       # everything (`make bench`), ~13 minutes
+    python -m bench.run                       # everything (`make bench`), 11-14 minutes
     python -m bench.run --quick               # shorter steps, one refinement, ~7 minutes
     python -m bench.run --systems tiffin --workloads score_fraud   # iterate on one endpoint
     python -m bench.run --url http://127.0.0.1:3000 --workloads score_fraud  # a running Tiffin
