@@ -26,6 +26,7 @@ from tiffin import model_store
 from tiffin import version_metrics as vm
 from tiffin.auth import AuthError, auth_settings, authorize
 from tiffin.errors import InvalidInput, ModelNotFound, TiffinError
+from tiffin.http_errors import describe_errors
 from tiffin.lifecycle import LifecycleManager, split_id
 from tiffin.traffic import Strategy, Thresholds
 
@@ -91,12 +92,6 @@ def _error(status: int, message: str) -> Response:
     return _json({"error": message}, status, headers)
 
 
-def _validation_message(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5]
-    )
-
-
 def guarded(scope: str | None) -> Callable[[Callable[..., Awaitable[Response]]], Handler]:
     """Auth (when `scope` is given), typed errors to status codes, never a stack trace."""
 
@@ -111,7 +106,7 @@ def guarded(scope: str | None) -> Callable[[Callable[..., Awaitable[Response]]],
             except AuthError as exc:
                 return _error(exc.status, exc.message)
             except ValidationError as exc:
-                return _error(422, _validation_message(exc))
+                return _error(422, describe_errors(exc.errors()))
             except TiffinError as exc:
                 return _error(int(exc.error_code), str(exc))
 

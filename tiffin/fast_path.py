@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from tiffin import schemas
 from tiffin.errors import TiffinError
+from tiffin.http_errors import describe_errors
 from tiffin.scoring import Scoring
 
 log = logging.getLogger("tiffin.fast_path")
@@ -72,10 +73,7 @@ bound = Bound()
 
 def _describe(exc: ValidationError) -> dict[str, Any]:
     detail = exc.errors(include_context=False, include_input=False, include_url=False)
-    message = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in detail[:5]
-    )
-    return {"error": message, "detail": detail}
+    return {"error": describe_errors(detail), "detail": detail}
 
 
 async def _answer(route: FastRoute, scoring: Scoring, body: bytes) -> tuple[int, Any]:

@@ -12,7 +12,8 @@ from typing import Any
 import orjson
 
 
-def _describe(detail: list[dict[str, Any]]) -> str:
+def describe_errors(detail: list[Any]) -> str:
+    """Pydantic error dicts as one message naming each field: `amount: Input should be ...`."""
     parts = []
     for err in detail[:5]:
         field = ".".join(str(p) for p in err.get("loc", ())) or "body"
@@ -28,7 +29,7 @@ def rewrite_client_error(body: bytes) -> bytes:
     if isinstance(payload, list) and len(payload) == 1 and isinstance(payload[0], dict):
         payload = payload[0]
     if isinstance(payload, dict) and isinstance(payload.get("detail"), list):
-        payload["error"] = _describe(payload["detail"])
+        payload["error"] = describe_errors(payload["detail"])
     return orjson.dumps(payload)
 
 
