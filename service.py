@@ -114,12 +114,14 @@ class Tiffin(LLMEndpoints):
 
     @bentoml.api(route="/score/fraud", input_spec=schemas.CardFraudRequest)
     async def score_fraud(self, **fields: Any) -> schemas.CardFraudResponse:
-        return await self.scoring.card_fraud(schemas.CardFraudRequest.model_construct(**fields))
+        request = schemas.CardFraudRequest.model_construct(**fields)
+        return schemas.CardFraudResponse.model_validate(await self.scoring.card_fraud(request))
 
     @bentoml.api(route="/score/personalization", input_spec=schemas.PersonalizationRequest)
     async def score_personalization(self, **fields: Any) -> schemas.PersonalizationResponse:
         request = schemas.PersonalizationRequest.model_construct(**fields)
-        return await self.scoring.personalization(request)
+        response = await self.scoring.personalization(request)
+        return schemas.PersonalizationResponse.model_validate(response)
 
     @bentoml.api(route="/score/batch")
     async def score_batch(
@@ -128,7 +130,8 @@ class Tiffin(LLMEndpoints):
         requests: schemas.BatchItems,
         batch_id: str | None = None,
     ) -> schemas.BatchResponse:
-        return await self.scoring.batch(model_type, requests, batch_id)
+        response = await self.scoring.batch(model_type, requests, batch_id)
+        return schemas.BatchResponse.model_validate(response)
 
     # --- seed 003 -----------------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
-"""The fast path attribution equals XGBoost's own (approx_contribs) on real trained models."""
+"""The compiled path attribution equals XGBoost's own (approx_contribs) on real trained models."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 import xgboost as xgb
 
 from tiffin import model_store
+from tiffin.errors import ModelLoadError
 from tiffin.runtimes import XGBoostPredictor
 
 
@@ -32,3 +35,29 @@ def test_path_attribution_matches_xgboost(model_store_ready: None, name: str) ->
 @pytest.fixture
 def model_store_ready(model_store: str) -> None:
     return None
+
+
+def test_serving_a_model_with_onnx_never_imports_xgboost(model_store_ready: None) -> None:
+    """XGBoost's shared library costs ~100 MB of RSS per worker; explanations come from the JSON."""
+    probe = (
+        "import sys, numpy as np\n"
+        "from pathlib import Path\n"
+        "from tiffin import model_store\n"
+        "from tiffin.runtimes import load_artifacts\n"
+        "stored = model_store.get('card_fraud')\n"
+        "card = model_store.card_of(stored)\n"
+        "model = load_artifacts('card_fraud', 'x', Path(stored.path), card)\n"
+        "x = np.ones((4, model.n_features), dtype=np.float32)\n"
+        "assert model.explainer.contributions(x).shape == x.shape\n"
+        "print(sorted(m for m in ('xgboost', 'sklearn') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_malformed_model_json_is_a_load_error(tmp_path: Path) -> None:
+    (tmp_path / "model.json").write_text('{"learner": {"gradient_booster": {}}}')
+    with pytest.raises(ModelLoadError, match=r"model\.json is not a loadable XGBoost model"):
+        XGBoostPredictor("binary").load(tmp_path / "model.json")

@@ -102,6 +102,33 @@ def test_score_batch_seed_example(client) -> None:
     assert out["results"][1]["fraud_score"] == pytest.approx(single["fraud_score"], abs=1e-6)
 
 
+def test_batch_rows_equal_single_requests(tiffin: Served) -> None:
+    """The batch path scores a whole batch at once; each row must still be what the single
+    endpoint answers for that transaction (found, unknown and absent entities mixed)."""
+    items = [
+        {"card_id": f"card_{i:08d}", "transaction_amount": 20.0 + 97 * i, "merchant_id": m}
+        for i, m in enumerate(["merchant_00001", None, "merchant_unknown", "merchant_00002"] * 8)
+    ]
+    items += [
+        {"card_id": "card_never_seen", "transaction_amount": 4000, "mcc_code": "7995"},
+        {"card_id": "card_00000003", "transaction_amount": 75, "country_code": "ng"},
+    ]
+    batch = post(tiffin, "/score/batch", {"model_type": "card_fraud", "requests": items})
+    assert batch.status_code == 200, batch.text
+    rows = batch.json()["results"]
+    assert len(rows) == len(items)
+    volatile = {"latency_ms", "feature_freshness_sec", "llm_explanation", "llm_explanation_source"}
+    for item, row in zip(items, rows, strict=True):
+        single = post(tiffin, "/score/fraud", item).json()
+        assert {k: v for k, v in row.items() if k not in volatile} == {
+            k: v for k, v in single.items() if k not in volatile
+        }
+        assert row["feature_freshness_sec"] == pytest.approx(single["feature_freshness_sec"], abs=2)
+    assert rows[-2]["features"]["defaults_used"] == ["card:card_never_seen"]
+    assert rows[2]["features"]["defaults_used"] == ["merchant:merchant_unknown"]
+    assert any(r["top_risk_factors"] for r in rows)
+
+
 def test_seed_000_endpoints(client) -> None:
     fraud = client.predict_fraud(**seed.AD_FRAUD)
     assert 0 <= fraud["fraud_probability"] <= 1 and fraud["model_version"] == "1.0.0"

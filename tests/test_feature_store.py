@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -319,3 +319,53 @@ def test_seed_redis_writes_schema_and_entities(fresh_redis: RedisServer) -> None
     assert high_risk.values.shape == (len(MERCHANT.fields),)
     np.testing.assert_allclose(high_risk.values, [0.35, 300.0])
     assert_defaults(unknown, "card")
+
+
+def test_fetch_columns_decodes_a_whole_batch_in_one_round_trip(redis_server: RedisServer) -> None:
+    """Seed 001's batch path: every card and merchant of a batch in one MGET, rows aligned."""
+    cards = [uid(f"card_batch{i}") for i in range(300)]
+    merchant = uid("merchant_batch")
+    records = card_records(300, seed=11)
+    stamps = np.arange(300, dtype=np.float64) + 1_700_000_000.5
+    written = list(range(0, 300, 2))  # every other card exists
+    raw = redis.Redis.from_url(redis_server.url)
+    try:
+        raw.set(f"features:card:{cards[1]}", pack(records[1][:-1], 5.0))  # malformed record
+        before = raw.info("commandstats").get("cmdstat_mget", {}).get("calls", 0)
+
+        async def body(store: FeatureStore) -> dict[str, Any]:
+            await store.write(
+                "card", [cards[i] for i in written], records[written], stamps[written]
+            )
+            await store.write("merchant", [merchant], np.asarray([[0.3, 9.0]], np.float32), [7.0])
+            return await store.fetch_columns(
+                {"card": [*cards, None], "merchant": [merchant, None, "merchant_nobody"]}
+            )
+
+        got = run_with(lambda: redis_store(redis_server.url), body)
+        after = raw.info("commandstats")["cmdstat_mget"]["calls"]
+    finally:
+        raw.close()
+
+    assert after - before == 1
+    card, merchants = got["card"], got["merchant"]
+    assert card.values.shape == (301, len(CARD.fields)) and card.values.dtype == np.float32
+    assert card.found.tolist() == [i % 2 == 0 for i in range(300)] + [False]
+    np.testing.assert_array_equal(card.values[written], records[written])
+    np.testing.assert_array_equal(card.written_at[written], stamps[written])
+    for row in (1, 3, 300):  # malformed, absent, no id: the documented defaults
+        np.testing.assert_array_equal(card.values[row], CARD.default_record())
+        assert np.isnan(card.written_at[row])
+    assert card.defaults_used(1) == f"card:{cards[1]}" and card.defaults_used(300) is None
+    assert card.defaults_used(0) is None and not card.degraded
+    assert merchants.found.tolist() == [True, False, False]
+    np.testing.assert_array_equal(merchants.values[1], MERCHANT.default_record())
+    assert merchants.defaults_used(2) == "merchant:merchant_nobody"
+
+
+def test_fetch_columns_degrades_when_redis_is_unreachable() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    got = run_with(lambda: redis_store(url), lambda s: s.fetch_columns({"card": ["card_1", None]}))
+    card = got["card"]
+    assert card.degraded and not card.found.any()
+    np.testing.assert_array_equal(card.values, np.tile(CARD.default_record(), (2, 1)))

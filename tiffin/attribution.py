@@ -1,122 +1,154 @@
-"""Fast per-prediction feature attribution for XGBoost tree ensembles.
+"""Per-prediction feature attribution for XGBoost tree ensembles, compiled to ONNX.
 
 Path attribution (Saabas; XGBoost's `approx_contribs=True`): walking a tree from the root to the
 row's leaf, every split hands the change in the node's expected value to the feature it split on.
-Because that sum depends only on which leaf is reached, it is precomputed per node, and a row's
-attribution is a vectorised walk of all trees at once plus one gather: ~0.1 ms per row instead of
-~1.4 ms for XGBoost's exact TreeSHAP through a `DMatrix`. Results equal
-`Booster.predict(..., pred_contribs=True, approx_contribs=True)` (tested).
+That credit depends only on the leaf reached, so it is precomputed per leaf, and a row's
+attribution is the sum over trees of its leaves' credit vectors. That sum is exactly what an ONNX
+`TreeEnsembleRegressor` with one target per feature computes, so the ensemble is rebuilt as one,
+each leaf carrying its credit vector, and ONNX Runtime does the walk in C++: ~15 us for one row and
+~1.4 ms for 256 (a numpy walk took 86 us and 5 ms, XGBoost's own `DMatrix` call ~1.4 ms a row).
+Results equal `Booster.predict(..., pred_contribs=True, approx_contribs=True)` (tested), and
+XGBoost itself is never imported: its shared library alone costs ~100 MB of RSS per worker.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 
 
-class PathAttribution:
-    def __init__(
-        self,
-        left: np.ndarray,
-        right: np.ndarray,
-        feature: np.ndarray,
-        threshold: np.ndarray,
-        default_left: np.ndarray,
-        is_leaf: np.ndarray,
-        table: np.ndarray,
-        depth: int,
-    ) -> None:
-        n_trees, width = left.shape
-        offsets = (np.arange(n_trees, dtype=np.int64) * width)[:, None]
-        here = offsets + np.arange(width)[None, :]
-        # Flat node ids; a leaf's children are itself, so a walk can run a fixed number of steps.
-        self.left = np.where(is_leaf, here, offsets + left).ravel()
-        self.right = np.where(is_leaf, here, offsets + right).ravel()
-        self.default_left_node = np.where(
-            default_left, self.left.reshape(here.shape), self.right.reshape(here.shape)
-        ).ravel()
-        self.feature = feature.ravel().astype(np.int64)
-        self.threshold = threshold.ravel()
-        self.table = table.reshape(n_trees * width, -1)
-        self.roots = offsets.ravel()
-        self.depth = depth
+class TreeAttribution:
+    """`contributions(x)` -> (rows, n_features) credit to the raw margin, bias left out."""
+
+    def __init__(self, onnx_model: bytes, n_features: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        self._session = ort.InferenceSession(
+            onnx_model, sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self.n_features = n_features
 
     @classmethod
-    def from_xgboost_json(cls, raw: bytes, n_features: int) -> PathAttribution:
-        model = json.loads(raw)["learner"]["gradient_booster"]["model"]
-        trees = model["trees"]
-        width = max(len(t["left_children"]) for t in trees)
-        shape = (len(trees), width)
-        left = np.zeros(shape, np.int32)
-        right = np.zeros(shape, np.int32)
-        feature = np.zeros(shape, np.int32)
-        threshold = np.zeros(shape, np.float32)
-        default_left = np.zeros(shape, bool)
-        is_leaf = np.ones(shape, bool)
-        table = np.zeros((*shape, n_features), np.float32)
-        depth = 0
-        for t, tree in enumerate(trees):
-            lc, rc = np.asarray(tree["left_children"]), np.asarray(tree["right_children"])
-            n = len(lc)
-            leaf = lc == -1
-            left[t, :n] = np.where(leaf, 0, lc)
-            right[t, :n] = np.where(leaf, 0, rc)
-            feature[t, :n] = tree["split_indices"]
-            threshold[t, :n] = tree["split_conditions"]
-            default_left[t, :n] = np.asarray(tree["default_left"], bool)
-            is_leaf[t, :n] = leaf
-            means = _node_means(
-                lc, rc, np.asarray(tree["split_conditions"]), np.asarray(tree["sum_hessian"])
-            )
-            depth = max(depth, _fill_paths(table[t], lc, rc, feature[t], means))
-        return cls(left, right, feature, threshold, default_left, is_leaf, table, depth)
-
-    def leaves(self, x: np.ndarray) -> np.ndarray:
-        """(rows, trees) flat id of the leaf each row reaches, by XGBoost's decision rule."""
-        nodes = np.broadcast_to(self.roots, (x.shape[0], self.roots.size))
-        has_missing = bool(np.isnan(x).any())
-        for _ in range(self.depth):
-            values = np.take_along_axis(x, self.feature[nodes], axis=1)
-            step = np.where(values < self.threshold[nodes], self.left[nodes], self.right[nodes])
-            if has_missing:
-                step = np.where(np.isnan(values), self.default_left_node[nodes], step)
-            nodes = step
-        return nodes
+    def from_xgboost_json(cls, raw: bytes) -> TreeAttribution:
+        """From a `Booster.save_model("model.json")` document; ValueError when it is not one."""
+        try:
+            learner = json.loads(raw)["learner"]
+            n_features = int(learner["learner_model_param"]["num_feature"])
+            trees = learner["gradient_booster"]["model"]["trees"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"not an XGBoost JSON model: {exc}") from exc
+        return cls(_compile(trees, n_features), n_features)
 
     def contributions(self, x: np.ndarray) -> np.ndarray:
-        return self.table[self.leaves(x)].sum(axis=1)
+        return self._session.run(None, {"X": np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def _compile(trees: list[dict[str, Any]], n_features: int) -> bytes:
+    from onnx import TensorProto, helper
+
+    nodes: dict[str, Any] = {
+        key: []
+        for key in (
+            "nodes_treeids",
+            "nodes_nodeids",
+            "nodes_featureids",
+            "nodes_values",
+            "nodes_modes",
+            "nodes_truenodeids",
+            "nodes_falsenodeids",
+            "nodes_missing_value_tracks_true",
+            "target_treeids",
+            "target_nodeids",
+            "target_ids",
+            "target_weights",
+        )
+    }
+    for t, tree in enumerate(trees):
+        left, right = tree["left_children"], tree["right_children"]
+        split_on, split_at = tree["split_indices"], tree["split_conditions"]
+        credit = _leaf_credit(tree, n_features)
+        for n, lc in enumerate(left):
+            leaf = lc == -1
+            nodes["nodes_treeids"].append(t)
+            nodes["nodes_nodeids"].append(n)
+            nodes["nodes_featureids"].append(0 if leaf else int(split_on[n]))
+            nodes["nodes_values"].append(0.0 if leaf else float(split_at[n]))
+            # XGBoost goes left when value < threshold, and left for a missing value if default_left
+            nodes["nodes_modes"].append("LEAF" if leaf else "BRANCH_LT")
+            nodes["nodes_truenodeids"].append(0 if leaf else int(lc))
+            nodes["nodes_falsenodeids"].append(0 if leaf else int(right[n]))
+            nodes["nodes_missing_value_tracks_true"].append(
+                0 if leaf else int(tree["default_left"][n])
+            )
+        for n, vector in credit.items():
+            for f in np.flatnonzero(vector).tolist():
+                nodes["target_treeids"].append(t)
+                nodes["target_nodeids"].append(n)
+                nodes["target_ids"].append(f)
+                nodes["target_weights"].append(float(vector[f]))
+    ensemble = helper.make_node(
+        "TreeEnsembleRegressor",
+        ["X"],
+        ["contributions"],
+        domain="ai.onnx.ml",
+        n_targets=n_features,
+        aggregate_function="SUM",
+        post_transform="NONE",
+        **nodes,
+    )
+    graph = helper.make_graph(
+        [ensemble],
+        "path_attribution",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, n_features])],
+        [helper.make_tensor_value_info("contributions", TensorProto.FLOAT, [None, n_features])],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8  # readable by every ONNX Runtime since 1.14
+    return model.SerializeToString()
+
+
+def _leaf_credit(tree: dict[str, Any], n_features: int) -> dict[int, np.ndarray]:
+    """leaf id -> attribution accumulated on the path from the root to that leaf."""
+    left = np.asarray(tree["left_children"])
+    right = np.asarray(tree["right_children"])
+    means = _node_means(
+        left, right, np.asarray(tree["split_conditions"]), np.asarray(tree["sum_hessian"])
+    )
+    split_on = tree["split_indices"]
+    credit: dict[int, np.ndarray] = {}
+    stack: list[tuple[int, np.ndarray]] = [(0, np.zeros(n_features))]
+    while stack:
+        node, path = stack.pop()
+        if left[node] == -1:
+            credit[node] = path
+            continue
+        for child in (int(left[node]), int(right[node])):
+            step = path.copy()
+            step[int(split_on[node])] += means[child] - means[node]
+            stack.append((child, step))
+    return credit
 
 
 def _node_means(lc: np.ndarray, rc: np.ndarray, value: np.ndarray, cover: np.ndarray) -> np.ndarray:
     """Cover-weighted expected value of every node (leaves: their value)."""
     means = value.astype(np.float64).copy()
-
-    def visit(node: int) -> float:
-        if lc[node] == -1:
-            return float(means[node])
-        left, right = visit(int(lc[node])), visit(int(rc[node]))
-        total = cover[lc[node]] + cover[rc[node]]
-        means[node] = (left * cover[lc[node]] + right * cover[rc[node]]) / total if total else 0.0
-        return float(means[node])
-
-    visit(0)
-    return means
-
-
-def _fill_paths(
-    table: np.ndarray, lc: np.ndarray, rc: np.ndarray, feature: np.ndarray, means: np.ndarray
-) -> int:
-    """table[node] = attribution accumulated from the root to `node`; returns the tree depth."""
-    deepest = 0
-    stack = [(0, 0)]
+    order: list[int] = []  # children before parents, without recursion
+    stack = [0]
     while stack:
-        node, depth = stack.pop()
-        deepest = max(deepest, depth)
+        node = stack.pop()
+        order.append(node)
+        if lc[node] != -1:
+            stack += [int(lc[node]), int(rc[node])]
+    for node in reversed(order):
         if lc[node] == -1:
             continue
-        for child in (int(lc[node]), int(rc[node])):
-            table[child] = table[node]
-            table[child, feature[node]] += means[child] - means[node]
-            stack.append((child, depth + 1))
-    return deepest
+        a, b = lc[node], rc[node]
+        total = cover[a] + cover[b]
+        means[node] = (means[a] * cover[a] + means[b] * cover[b]) / total if total else 0.0
+    return means

@@ -13,10 +13,11 @@ documented defaults and say so (`found=False`, `degraded=True`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -57,10 +58,37 @@ class EntityLookup:
         return None if self.written_at is None else max(0.0, now - self.written_at)
 
 
+@dataclass(frozen=True)
+class EntityColumns:
+    """One entity kind's records for a whole request or batch: row i belongs to `ids[i]`."""
+
+    kind: str
+    ids: Sequence[str | None]
+    values: np.ndarray
+    """(rows, fields) float32 in schema order; the kind's defaults where not found."""
+    found: np.ndarray
+    """(rows,) bool."""
+    written_at: np.ndarray
+    """(rows,) float64 epoch seconds; NaN where not found."""
+    degraded: bool = False
+    """The store could not be asked, so every row holds defaults."""
+
+    def defaults_used(self, row: int) -> str | None:
+        """`kind:id` when row `row` names an entity that was scored on defaults."""
+        entity_id = self.ids[row]
+        return None if self.found[row] or not entity_id else f"{self.kind}:{entity_id}"
+
+
 class FeatureStore(Protocol):
     backend: str
 
     async def fetch(self, wanted: Sequence[tuple[str, str | None]]) -> list[EntityLookup]: ...
+
+    async def fetch_columns(
+        self, wanted: Mapping[str, Sequence[str | None]]
+    ) -> dict[str, EntityColumns]:
+        """Every kind's ids in one round trip, decoded a kind at a time (the batch path)."""
+        ...
 
     async def write(
         self, kind: str, ids: Sequence[str], records: np.ndarray, written_at: Timestamps
@@ -71,24 +99,111 @@ class FeatureStore(Protocol):
     async def close(self) -> None: ...
 
 
-def _defaults(kind: str, entity_id: str | None, degraded: bool = False) -> EntityLookup:
-    return EntityLookup(kind, entity_id, ENTITIES[kind].default_record(), False, None, degraded)
+@functools.cache
+def _record_dtype(kind: str) -> np.dtype:
+    """A packed record as numpy reads it: `<f8` written_at, then the fields as `<f4`."""
+    n_fields = len(ENTITIES[kind].fields)
+    return np.dtype([("written_at", "<f8"), ("values", "<f4", (n_fields,))])
 
 
-def _decode(kind: str, entity_id: str | None, blob: bytes | None) -> EntityLookup:
-    if blob is None:
-        return _defaults(kind, entity_id)
-    decoded = unpack(blob, len(ENTITIES[kind].fields))
-    if decoded is None:
-        log.warning(
-            "feature record %s:%s does not match its schema; using defaults", kind, entity_id
+def _decode_columns(
+    kind: str, ids: Sequence[str | None], blobs: Sequence[bytes | None] | None
+) -> EntityColumns:
+    """`blobs` None: the store was unreachable. Well-formed records decode in one numpy call."""
+    record = _record_dtype(kind)
+    rows = (
+        []
+        if blobs is None
+        else [
+            i for i, blob in enumerate(blobs) if blob is not None and len(blob) == record.itemsize
+        ]
+    )
+    if rows and len(rows) == len(ids):  # the common case: every record found and well formed
+        decoded = np.frombuffer(b"".join(blobs), dtype=record)  # type: ignore[arg-type]
+        found = np.ones(len(ids), dtype=bool)
+        return EntityColumns(kind, ids, decoded["values"], found, decoded["written_at"])
+    values = np.repeat(ENTITIES[kind].default_record()[None, :], len(ids), axis=0)
+    found = np.zeros(len(ids), dtype=bool)
+    written_at = np.full(len(ids), np.nan)
+    if blobs is None:
+        return EntityColumns(kind, ids, values, found, written_at, degraded=True)
+    if len(rows) < sum(blob is not None for blob in blobs):
+        log.warning("some %s feature records do not match their schema; using defaults", kind)
+    if rows:
+        decoded = np.frombuffer(b"".join(blobs[i] for i in rows), dtype=record)  # type: ignore[misc]
+        index = np.asarray(rows)
+        values[index] = decoded["values"]
+        written_at[index] = decoded["written_at"]
+        found[index] = True
+    return EntityColumns(kind, ids, values, found, written_at)
+
+
+def _keys_by_kind(
+    prefix: str, wanted: Mapping[str, Sequence[str | None]]
+) -> tuple[list[str], list[tuple[str, list[int]]]]:
+    """All keys to ask for, and per kind the positions of its named ids among them."""
+    keys: list[str] = []
+    layout = []
+    for kind, ids in wanted.items():
+        positions = []
+        for entity_id in ids:
+            if entity_id is None:
+                positions.append(-1)
+            else:
+                positions.append(len(keys))
+                keys.append(f"{prefix}:{kind}:{entity_id}")
+        layout.append((kind, positions))
+    return keys, layout
+
+
+def _split_by_kind(
+    wanted: Mapping[str, Sequence[str | None]],
+    layout: list[tuple[str, list[int]]],
+    blobs: Sequence[bytes | None] | None,
+) -> dict[str, EntityColumns]:
+    return {
+        kind: _decode_columns(
+            kind,
+            wanted[kind],
+            None if blobs is None else [blobs[p] if p >= 0 else None for p in positions],
         )
-        return _defaults(kind, entity_id)
-    values, written_at = decoded
-    return EntityLookup(kind, entity_id, values, True, written_at)
+        for kind, positions in layout
+    }
 
 
-class EmbeddedFeatureStore:
+class _Lookups:
+    """`fetch`, one `EntityLookup` per (kind, id), for callers that want rows, not columns."""
+
+    async def fetch_columns(
+        self, wanted: Mapping[str, Sequence[str | None]]
+    ) -> dict[str, EntityColumns]:
+        raise NotImplementedError
+
+    async def fetch(self, wanted: Sequence[tuple[str, str | None]]) -> list[EntityLookup]:
+        by_kind: dict[str, list[str | None]] = {}
+        for kind, entity_id in wanted:
+            by_kind.setdefault(kind, []).append(entity_id)
+        columns = await self.fetch_columns(by_kind)
+        taken = dict.fromkeys(by_kind, 0)
+        lookups = []
+        for kind, entity_id in wanted:
+            row, taken[kind] = taken[kind], taken[kind] + 1
+            c = columns[kind]
+            written_at = float(c.written_at[row])
+            lookups.append(
+                EntityLookup(
+                    kind,
+                    entity_id,
+                    c.values[row],
+                    bool(c.found[row]),
+                    None if written_at != written_at else written_at,  # NaN: not found
+                    c.degraded,
+                )
+            )
+        return lookups
+
+
+class EmbeddedFeatureStore(_Lookups):
     """In-process store with the same interface; every worker holds its own copy."""
 
     backend = "embedded"
@@ -97,12 +212,12 @@ class EmbeddedFeatureStore:
         self.prefix = prefix
         self._data: dict[str, bytes] = {}
 
-    async def fetch(self, wanted: Sequence[tuple[str, str | None]]) -> list[EntityLookup]:
+    async def fetch_columns(
+        self, wanted: Mapping[str, Sequence[str | None]]
+    ) -> dict[str, EntityColumns]:
+        keys, layout = _keys_by_kind(self.prefix, wanted)
         get = self._data.get
-        return [
-            _decode(kind, eid, get(f"{self.prefix}:{kind}:{eid}") if eid is not None else None)
-            for kind, eid in wanted
-        ]
+        return _split_by_kind(wanted, layout, [get(key) for key in keys])
 
     async def write(
         self, kind: str, ids: Sequence[str], records: np.ndarray, written_at: Timestamps
@@ -122,7 +237,7 @@ class EmbeddedFeatureStore:
         return None
 
 
-class RedisFeatureStore:
+class RedisFeatureStore(_Lookups):
     """Redis with hiredis parsing; a failure opens a short breaker instead of failing requests."""
 
     backend = "redis"
@@ -152,20 +267,20 @@ class RedisFeatureStore:
             self._loop = loop
         return self._client
 
-    async def fetch(self, wanted: Sequence[tuple[str, str | None]]) -> list[EntityLookup]:
-        keys = [f"{self.prefix}:{kind}:{eid}" for kind, eid in wanted if eid is not None]
-        if not keys:
-            return [_defaults(kind, eid) for kind, eid in wanted]
-        if time.monotonic() < self._down_until:
-            return [_defaults(kind, eid, degraded=True) for kind, eid in wanted]
-        try:
-            blobs = iter(await self._redis().mget(keys))
-        except Exception as exc:  # any Redis/network failure degrades, never fails the request
-            self._trip(exc)
-            return [_defaults(kind, eid, degraded=True) for kind, eid in wanted]
-        return [
-            _decode(kind, eid, next(blobs) if eid is not None else None) for kind, eid in wanted
-        ]
+    async def fetch_columns(
+        self, wanted: Mapping[str, Sequence[str | None]]
+    ) -> dict[str, EntityColumns]:
+        keys, layout = _keys_by_kind(self.prefix, wanted)
+        blobs: list[bytes | None] | None = []
+        if keys and time.monotonic() < self._down_until:
+            blobs = None
+        elif keys:
+            try:
+                blobs = await self._redis().mget(keys)
+            except Exception as exc:  # any Redis/network failure degrades, never fails the request
+                self._trip(exc)
+                blobs = None
+        return _split_by_kind(wanted, layout, blobs)
 
     def _trip(self, exc: Exception) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"

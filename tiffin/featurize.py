@@ -251,21 +251,42 @@ CARD_RISK_FACTORS: dict[str, tuple[str, ...]] = {
 }
 
 
-def card_fraud_row(req: Mapping[str, Any], card: Vector, merchant: Vector) -> list[float]:
-    amount = float(req["transaction_amount"])
-    avg = float(card[2])
-    std = max(float(card[3]), 1.0)
-    country = req.get("country_code")
-    home = int(card[CARD.index("home_country")])
-    return [
-        amount,
-        (amount - avg) / std,
-        amount / max(avg, 1.0),
-        HIGH_RISK_MCC.get(str(req.get("mcc_code") or ""), 0.1),
-        float(country is not None and country_index(country) != home),
-        float(merchant[0]),
-        *(float(v) for v in card[:-1]),
+def card_fraud_matrix(
+    amounts: Sequence[float],
+    mcc_codes: Sequence[str | None],
+    country_codes: Sequence[str | None],
+    cards: np.ndarray,
+    merchants: np.ndarray,
+) -> np.ndarray:
+    """(rows, CARD_FRAUD_FEATURES) for many transactions: request columns plus each row's card
+    and merchant records. Arithmetic in float64, as Python floats would, then stored as float32."""
+    amount = np.asarray(amounts, dtype=np.float64)
+    cards = np.asarray(cards, dtype=np.float32).reshape(len(amount), len(CARD.fields))
+    avg = cards[:, 2].astype(np.float64)
+    home = cards[:, CARD.index("home_country")].astype(np.int64).tolist()
+    x = np.empty((len(amount), len(CARD_FRAUD_FEATURES)), dtype=np.float32)
+    x[:, 0] = amount
+    x[:, 1] = (amount - avg) / np.maximum(cards[:, 3].astype(np.float64), 1.0)
+    x[:, 2] = amount / np.maximum(avg, 1.0)
+    x[:, 3] = [HIGH_RISK_MCC.get(str(code or ""), 0.1) for code in mcc_codes]
+    x[:, 4] = [
+        code is not None and country_index(code) != h
+        for code, h in zip(country_codes, home, strict=True)
     ]
+    x[:, 5] = np.asarray(merchants, dtype=np.float32).reshape(len(amount), -1)[:, 0]
+    x[:, 6:] = cards[:, :-1]
+    return x
+
+
+def card_fraud_row(req: Mapping[str, Any], card: Vector, merchant: Vector) -> list[float]:
+    """One transaction's row; the same arithmetic as `card_fraud_matrix`, which serving uses."""
+    return card_fraud_matrix(
+        [float(req["transaction_amount"])],
+        [req.get("mcc_code")],
+        [req.get("country_code")],
+        np.asarray(card),
+        np.asarray(merchant),
+    )[0].tolist()
 
 
 PERSONALIZATION_FEATURES = (

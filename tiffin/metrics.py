@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -70,3 +71,23 @@ def metrics() -> Metrics:
             buckets=SCORE_BUCKETS,
         ),
     )
+
+
+def observe_many(histogram: Histogram, values: np.ndarray) -> None:
+    """`histogram.observe(v)` for every value, as one increment per touched bucket.
+
+    A 256-row batch would otherwise cost 256 observes (~1 ms of a ~6 ms batch). prometheus_client
+    has no bulk API, so this uses its per-bucket values, the ones `observe` itself increments
+    (a test checks the result against `observe` one value at a time).
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size <= 1:
+        for value in values.tolist():
+            histogram.observe(value)
+        return
+    bounds = np.asarray(histogram._upper_bounds)  # ends with +Inf
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=bounds.size)
+    histogram._sum.inc(float(values.sum()))
+    for bucket, count in zip(histogram._buckets, counts.tolist(), strict=False):
+        if count:
+            bucket.inc(count)

@@ -16,7 +16,6 @@ from tiffin.model_pool import ModelPool
 
 class TabularRunner:
     model: ClassVar[Any]  # a bentoml.models.BentoModel declared by each runner
-    explains: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.pool = ModelPool.for_declared(self.model.tag)

@@ -6,11 +6,14 @@ regression -> (n,); multi_output -> (n, m).
 
 Serving uses ONNX Runtime whenever the version carries `model.onnx` (a single-row tree prediction
 costs ~15 us there against ~300 us in XGBoost's Python API; figures in docs/benchmarks.md). The
-native boosters are kept for what ONNX cannot do: per-prediction feature contributions.
+native models are kept for what ONNX cannot do directly: per-prediction feature contributions
+(for XGBoost compiled into a second ONNX ensemble, `tiffin.attribution`).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -83,50 +86,82 @@ class OnnxPredictor:
 
 
 class XGBoostPredictor:
-    """Native XGBoost: explanations, and serving for user models without an ONNX artifact."""
+    """Native XGBoost: serving for user models without an ONNX artifact, and explanations.
+
+    Explanations need only the model's JSON (`tiffin.attribution`), so the booster, and with it
+    XGBoost's ~100 MB shared library, is loaded on the first native prediction: a version served
+    by ONNX Runtime never pays for it.
+    """
 
     def __init__(self, task: str) -> None:
         self.task = task
 
     def load(self, path: Path) -> XGBoostPredictor:
+        from tiffin.attribution import TreeAttribution
+
+        self.path = path
+        try:
+            self.attribution = TreeAttribution.from_xgboost_json(path.read_bytes())
+        except Exception as exc:  # a malformed document or a tree ONNX Runtime refuses
+            raise ModelLoadError(f"{path.name} is not a loadable XGBoost model: {exc}") from exc
+        self.n_features = self.attribution.n_features
+        return self
+
+    @functools.cached_property
+    def booster(self) -> Any:
         import xgboost as xgb
 
         try:
             booster = xgb.Booster()
-            booster.load_model(str(path))
+            booster.load_model(str(self.path))
         except Exception as exc:
-            raise ModelLoadError(f"{path.name} is not a loadable XGBoost model: {exc}") from exc
+            raise ModelLoadError(
+                f"{self.path.name} is not a loadable XGBoost model: {exc}"
+            ) from exc
         booster.set_param({"nthread": 1})
-        self.booster = booster
-        self.n_features = booster.num_features()
-        from tiffin.attribution import PathAttribution
-
-        self.attribution = PathAttribution.from_xgboost_json(path.read_bytes(), self.n_features)
-        return self
+        return booster
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         return _as_task_output(self.booster.inplace_predict(features), self.task, features.shape[0])
 
     def contributions(self, features: np.ndarray) -> np.ndarray:
-        """Path (Saabas) attribution, ~10x cheaper than TreeSHAP; see tiffin.attribution."""
+        """Path (Saabas) attribution, ~100x cheaper than TreeSHAP; see tiffin.attribution."""
         return self.attribution.contributions(features)
 
 
 class LightGBMPredictor:
-    """Native LightGBM: explanations, and serving for user models without an ONNX artifact."""
+    """Native LightGBM: serving for user models without an ONNX artifact, and explanations.
+
+    Importing lightgbm pulls in scikit-learn and SciPy (~80 MB of RSS per worker), so the booster
+    is loaded on the first native prediction or contribution; `load` reads the text model's header.
+    """
 
     def __init__(self, task: str) -> None:
         self.task = task
 
     def load(self, path: Path) -> LightGBMPredictor:
+        self.path = path
+        try:
+            with path.open("rb") as text:
+                header = dict(
+                    line.decode().strip().split("=", 1)
+                    for line in itertools.islice(text, 64)
+                    if b"=" in line
+                )
+            self.n_features = int(header["max_feature_idx"]) + 1
+        except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"{path.name} is not a LightGBM text model: {exc}") from exc
+        return self
+
+    @functools.cached_property
+    def booster(self) -> Any:
         import lightgbm as lgb
 
         try:
-            self.booster = lgb.Booster(model_file=str(path))
+            return lgb.Booster(model_file=str(self.path))
         except Exception as exc:
-            raise ModelLoadError(f"{path.name} is not a loadable LightGBM model: {exc}") from exc
-        self.n_features = self.booster.num_feature()
-        return self
+            problem = f"{self.path.name} is not a loadable LightGBM model: {exc}"
+            raise ModelLoadError(problem) from exc
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         return _as_task_output(
@@ -196,7 +231,8 @@ def load_artifacts(name: str, version: str, directory: Path, card: ModelCard) ->
             )
     model = LoadedModel(name, version, card, predictor, native)
     try:
-        model.predict(np.zeros((1, declared), dtype=np.float32))
+        probe = np.zeros((1, declared), dtype=np.float32)
+        model.predict(probe)
     except Exception as exc:
         raise ModelLoadError(f"{name}:{version} failed its warm-up prediction: {exc}") from exc
     return model

@@ -8,6 +8,7 @@ real models and a real Redis without starting a server.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -15,33 +16,28 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import anyio
 import numpy as np
-from pydantic import BaseModel
+from pydantic import TypeAdapter, ValidationError
 
 from tiffin import featurize as fz
 from tiffin.errors import InvalidInput, ModelNotFound, ModelUnavailable
-from tiffin.feature_store import EntityLookup, FeatureStore
+from tiffin.feature_store import EntityColumns, FeatureStore
 from tiffin.lifecycle import LifecycleManager
 from tiffin.llm.explain import explain_fraud_or_rules
-from tiffin.metrics import metrics
+from tiffin.metrics import metrics, observe_many
 from tiffin.model_pool import ModelPool
 from tiffin.runtimes import LoadedModel
 from tiffin.schemas import (
     AdFraudRequest,
     AdFraudResponse,
-    BatchResponse,
     BidRequest,
     BidResponse,
     CardFraudRequest,
-    CardFraudResponse,
     CtrRequest,
     CtrResponse,
-    FeatureStatus,
     GenericPredictRequest,
     GenericPredictResponse,
     PersonalizationRequest,
-    PersonalizationResponse,
 )
 
 RiskLevel = Literal["low", "medium", "high"]
@@ -70,23 +66,49 @@ def risk_band(score: float) -> tuple[RiskLevel, Action]:
     return "high", "decline"
 
 
-def top_factors(
-    contributions: np.ndarray,
-    groups: Mapping[str, Sequence[str]],
-    feature_names: Sequence[str],
-    limit: int = 3,
-) -> list[str]:
-    """Named factor groups ranked by their summed positive contribution to this prediction."""
-    index = {name: i for i, name in enumerate(feature_names)}
-    totals = {
-        factor: float(sum(contributions[index[f]] for f in members if f in index))
-        for factor, members in groups.items()
-    }
-    ranked = sorted((t, f) for f, t in totals.items() if t > 0.05)
-    return [f for _, f in reversed(ranked)][:limit]
+class FactorRanking:
+    """Named groups of features ranked, per prediction, by their summed contribution.
+
+    A group is reported when its sum exceeds `floor`; the sums for a whole batch are one matrix
+    product with the group membership matrix.
+    """
+
+    def __init__(
+        self,
+        groups: Mapping[str, Sequence[str]],
+        feature_names: Sequence[str],
+        limit: int = 3,
+        floor: float = 0.05,
+    ) -> None:
+        index = {name: i for i, name in enumerate(feature_names)}
+        self.names = list(groups)
+        self.membership = np.zeros((len(feature_names), len(groups)))
+        for j, members in enumerate(groups.values()):
+            for feature in members:
+                if feature in index:
+                    self.membership[index[feature], j] = 1.0
+        self.limit = limit
+        self.floor = floor
+
+    def top(self, contributions: np.ndarray) -> list[list[str]]:
+        totals = np.asarray(contributions, dtype=np.float64) @ self.membership
+        order = np.argsort(-totals, axis=1, kind="stable")[:, : self.limit].tolist()
+        names, floor = self.names, self.floor
+        return [
+            [names[j] for j in ranked if sums[j] > floor]
+            for ranked, sums in zip(order, totals.tolist(), strict=True)
+        ]
+
+
+CARD_FACTORS = FactorRanking(fz.CARD_RISK_FACTORS, fz.CARD_FRAUD_FEATURES)
 
 
 def explain_fraud(level: str, factors: Sequence[str]) -> str:
+    return _explanation(level, tuple(factors))
+
+
+@functools.lru_cache(maxsize=1024)  # few (level, factors) combinations exist; batches repeat them
+def _explanation(level: str, factors: tuple[str, ...]) -> str:
     readable = ", ".join(f.replace("_", " ") for f in factors)
     if level == "low":
         return "Transaction appears legitimate with low risk indicators"
@@ -95,8 +117,8 @@ def explain_fraud(level: str, factors: Sequence[str]) -> str:
     return f"High fraud risk driven by {readable or 'the overall pattern'}"
 
 
-def user_segment(user: np.ndarray) -> str:
-    sessions, _, purchases, order_value, days_away, engagement = (float(v) for v in user[:6])
+def user_segment(user: Sequence[float]) -> str:
+    sessions, _, purchases, order_value, days_away, engagement = user[:6]
     value = (
         "high_value"
         if purchases >= 2 and order_value >= 60
@@ -108,10 +130,13 @@ def user_segment(user: np.ndarray) -> str:
     return f"{value}_{activity}"
 
 
-def behavioral_signals(user: np.ndarray, session: EntityLookup, affinity: float) -> list[str]:
+def behavioral_signals(
+    user: Sequence[float], session: Sequence[float] | None, affinity: float
+) -> list[str]:
+    """`session` None: the request named no session, or it was not found."""
     signals = []
-    if session.found:
-        pages, duration, cart_adds = (float(v) for v in session.values)
+    if session is not None:
+        pages, duration, cart_adds = session
         if duration >= 300 or pages >= 8:
             signals.append("high_engagement_session")
         if pages >= 3:
@@ -127,19 +152,26 @@ def behavioral_signals(user: np.ndarray, session: EntityLookup, affinity: float)
     return signals
 
 
-def _feature_status(store: FeatureStore, lookups: Sequence[EntityLookup]) -> FeatureStatus:
-    return FeatureStatus(
-        source=store.backend,
-        defaults_used=[
-            f"{lk.kind}:{lk.entity_id}" for lk in lookups if not lk.found and lk.entity_id
-        ],
-        degraded=any(lk.degraded for lk in lookups),
-    )
+class EntityReport:
+    """Per row, what seed 001 reports about the features behind it: `feature_freshness_sec`
+    (age of the oldest record used) and `features` (source, entities on defaults, degraded)."""
 
+    def __init__(self, backend: str, columns: Sequence[EntityColumns], now: float) -> None:
+        oldest = np.fmin.reduce([c.written_at for c in columns])  # NaN only when none was found
+        self.freshness = [
+            None if written != written else round(max(now - written, 0.0))
+            for written in oldest.tolist()
+        ]
+        self.columns = columns
+        self.missing = ~np.logical_and.reduce([c.found for c in columns])
+        degraded = any(c.degraded for c in columns)
+        self._clean = {"source": backend, "defaults_used": [], "degraded": degraded}
 
-def _freshness(lookups: Sequence[EntityLookup], now: float) -> int | None:
-    ages = [age for lk in lookups if (age := lk.age_seconds(now)) is not None]
-    return round(max(ages)) if ages else None
+    def status(self, row: int) -> dict[str, Any]:
+        if not self.missing[row]:
+            return self._clean
+        used = [d for c in self.columns if (d := c.defaults_used(row)) is not None]
+        return {**self._clean, "defaults_used": used}
 
 
 @dataclass
@@ -155,9 +187,7 @@ class Observation:
         m.requests.labels(self.model, self.version, "success").inc()
         m.duration.labels(self.model, self.version).observe(time.perf_counter() - self.started)
         if scores is not None:
-            hist = m.scores.labels(self.model, self.version)
-            for s in np.ravel(scores)[:256]:
-                hist.observe(float(s))
+            observe_many(m.scores.labels(self.model, self.version), np.asarray(scores))
 
     def failed(self, kind: str) -> None:
         m = metrics()
@@ -233,14 +263,14 @@ class Scoring:
     # --- feature store ------------------------------------------------------------------------
 
     async def _fetch(
-        self, model: str, version: str, wanted: list[tuple[str, str | None]]
-    ) -> list[EntityLookup]:
+        self, model: LoadedModel, wanted: Mapping[str, Sequence[str | None]]
+    ) -> dict[str, EntityColumns]:
         started = time.perf_counter()
-        lookups = await self.store.fetch(wanted)
-        metrics().feature_fetch.labels(model, version, self.store.backend).observe(
+        columns = await self.store.fetch_columns(wanted)
+        metrics().feature_fetch.labels(model.name, model.version, self.store.backend).observe(
             time.perf_counter() - started
         )
-        return lookups
+        return columns
 
     # --- seed 000 -----------------------------------------------------------------------------
 
@@ -303,124 +333,133 @@ class Scoring:
 
     async def card_fraud_many(
         self, reqs: Sequence[CardFraudRequest], pinned: str | None = None
-    ) -> tuple[str, list[CardFraudResponse]]:
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """Seed 001's response for each transaction, as plain dicts (encoded once by the caller)."""
         started = time.perf_counter()
         chosen = self._model("card_fraud", reqs[0].card_id, pinned)
-        wanted: list[tuple[str, str | None]] = []
-        for r in reqs:
-            wanted += [("card", r.card_id), ("merchant", r.merchant_id)]
-        lookups = await self._fetch(chosen.name, chosen.version, wanted)
-        now = time.time()
-        x = fz.to_matrix(
-            [
-                fz.card_fraud_row(r.__dict__, lookups[2 * i].values, lookups[2 * i + 1].values)
-                for i, r in enumerate(reqs)
-            ]
+        entities = await self._fetch(
+            chosen,
+            {"card": [r.card_id for r in reqs], "merchant": [r.merchant_id for r in reqs]},
+        )
+        cards, merchants = entities["card"], entities["merchant"]
+        x = fz.card_fraud_matrix(
+            [r.transaction_amount for r in reqs],
+            [r.mcc_code for r in reqs],
+            [r.country_code for r in reqs],
+            cards.values,
+            merchants.values,
         )
         model, scores, obs = self._infer(chosen, x, started, pinned=pinned is not None)
-        contributions = await _contributions(model, x)
-        names = fz.CARD_FRAUD_FEATURES
+        factors = CARD_FACTORS.top(_contributions(model, x))
+        report = EntityReport(self.store.backend, (cards, merchants), time.time())
+        rounded = np.round(scores.astype(np.float64), 6).tolist()
+        latency = _ms_since(started)
         results = []
         for i, r in enumerate(reqs):
-            score = float(scores[i])
+            score = rounded[i]
             level, action = risk_band(score)
-            factors = top_factors(contributions[i], fz.CARD_RISK_FACTORS, names)
-            pair = lookups[2 * i : 2 * i + 2]
             results.append(
-                CardFraudResponse(
-                    fraud_score=round(score, 6),
-                    risk_level=level,
-                    confidence=round(max(score, 1 - score), 6),
-                    recommended_action=action,
-                    explanation=explain_fraud(level, factors),
-                    top_risk_factors=factors,
-                    features_used=len(names),
-                    latency_ms=_ms_since(started),
-                    model_version=model.version,
-                    feature_freshness_sec=_freshness(pair, now),
-                    card_id=r.card_id,
-                    features=_feature_status(self.store, pair),
-                )
+                {
+                    "fraud_score": score,
+                    "risk_level": level,
+                    "confidence": round(max(score, 1 - score), 6),
+                    "recommended_action": action,
+                    "explanation": explain_fraud(level, factors[i]),
+                    "top_risk_factors": factors[i],
+                    "features_used": len(fz.CARD_FRAUD_FEATURES),
+                    "latency_ms": latency,
+                    "model_version": model.version,
+                    "feature_freshness_sec": report.freshness[i],
+                    "card_id": r.card_id,
+                    "features": report.status(i),
+                }
             )
         obs.done(scores)
         return model.version, results
 
-    async def card_fraud(self, req: CardFraudRequest) -> CardFraudResponse:
+    async def card_fraud(self, req: CardFraudRequest) -> dict[str, Any]:
         response = (await self.card_fraud_many([req]))[1][0]
+        response["llm_explanation"] = response["llm_explanation_source"] = None
         if req.llm_explanation:
             context = {
                 **req.model_dump(exclude={"llm_explanation"}),
-                **response.model_dump(include=set(_EXPLAINED_FIELDS)),
+                **{field: response[field] for field in _EXPLAINED_FIELDS},
             }
             written, source = await explain_fraud_or_rules(context)
-            response.llm_explanation, response.llm_explanation_source = written, source
+            response["llm_explanation"] = written.model_dump(mode="json")
+            response["llm_explanation_source"] = source
         return response
 
     async def personalization_many(
         self, reqs: Sequence[PersonalizationRequest], pinned: str | None = None
-    ) -> tuple[str, list[PersonalizationResponse]]:
+    ) -> tuple[str, list[dict[str, Any]]]:
         started = time.perf_counter()
         chosen = self._model("personalization", reqs[0].user_id, pinned)
-        wanted: list[tuple[str, str | None]] = []
-        for r in reqs:
-            wanted += [("user", r.user_id), ("item", r.item_id), ("session", r.session_id)]
-        lookups = await self._fetch(chosen.name, chosen.version, wanted)
-        now = time.time()
+        entities = await self._fetch(
+            chosen,
+            {
+                "user": [r.user_id for r in reqs],
+                "item": [r.item_id for r in reqs],
+                "session": [r.session_id for r in reqs],
+            },
+        )
+        users, items, sessions = entities["user"], entities["item"], entities["session"]
         rows = [
-            fz.personalization_row(r.__dict__, *(lk.values for lk in lookups[3 * i : 3 * i + 3]))
+            fz.personalization_row(r.__dict__, users.values[i], items.values[i], sessions.values[i])
             for i, r in enumerate(reqs)
         ]
         model, raw, obs = self._infer(
             chosen, fz.to_matrix(rows), started, pinned=pinned is not None
         )
-        outputs = np.clip(raw, 0.0, 1.0)
+        outputs = np.round(np.clip(raw, 0.0, 1.0).astype(np.float64), 6).tolist()
+        report = EntityReport(self.store.backend, (users, items, sessions), time.time())
+        user_values, session_values = users.values.tolist(), sessions.values.tolist()
+        latency = _ms_since(started)
         results = []
         for i, r in enumerate(reqs):
-            user, _item, session = lookups[3 * i : 3 * i + 3]
-            relevance, conversion, engagement = (round(float(v), 6) for v in outputs[i])
+            relevance, conversion, engagement = outputs[i]
+            session = session_values[i] if sessions.found[i] else None
             results.append(
-                PersonalizationResponse(
-                    relevance_score=relevance,
-                    conversion_probability=conversion,
-                    engagement_score=engagement,
-                    user_segment=user_segment(user.values),
-                    behavioral_signals=behavioral_signals(user.values, session, rows[i][6]),
-                    features_used=len(fz.PERSONALIZATION_FEATURES),
-                    latency_ms=_ms_since(started),
-                    model_version=model.version,
-                    user_id=r.user_id,
-                    item_id=r.item_id,
-                    feature_freshness_sec=_freshness(lookups[3 * i : 3 * i + 3], now),
-                    features=_feature_status(self.store, lookups[3 * i : 3 * i + 3]),
-                )
+                {
+                    "relevance_score": relevance,
+                    "conversion_probability": conversion,
+                    "engagement_score": engagement,
+                    "user_segment": user_segment(user_values[i]),
+                    "behavioral_signals": behavioral_signals(user_values[i], session, rows[i][6]),
+                    "features_used": len(fz.PERSONALIZATION_FEATURES),
+                    "latency_ms": latency,
+                    "model_version": model.version,
+                    "user_id": r.user_id,
+                    "item_id": r.item_id,
+                    "feature_freshness_sec": report.freshness[i],
+                    "features": report.status(i),
+                }
             )
-        obs.done(outputs[:, 0])
+        obs.done(np.clip(raw, 0.0, 1.0)[:, 0])
         return model.version, results
 
-    async def personalization(self, req: PersonalizationRequest) -> PersonalizationResponse:
+    async def personalization(self, req: PersonalizationRequest) -> dict[str, Any]:
         return (await self.personalization_many([req]))[1][0]
 
     async def batch(
         self, model_type: str, requests: Sequence[Mapping[str, Any]], batch_id: str | None
-    ) -> BatchResponse:
+    ) -> dict[str, Any]:
         started = time.perf_counter()
-        schema: type[BaseModel] = (
-            CardFraudRequest if model_type in FRAUD_FAMILIES else PersonalizationRequest
-        )
-        parsed = [_parse_item(schema, item, i) for i, item in enumerate(requests)]
-        results: Sequence[CardFraudResponse | PersonalizationResponse]
-        if schema is CardFraudRequest:
-            version, results = await self.card_fraud_many(parsed)
+        results: list[dict[str, Any]]
+        if model_type in FRAUD_FAMILIES:
+            version, results = await self.card_fraud_many(_parse_items(_CARD_ITEMS, requests))
         else:
-            version, results = await self.personalization_many(parsed)
-        return BatchResponse(
-            batch_id=batch_id,
-            model_type=model_type,
-            count=len(results),
-            results=[r.model_dump() for r in results],
-            model_version=version,
-            latency_ms=_ms_since(started),
-        )
+            version, results = await self.personalization_many(
+                _parse_items(_PERSONALIZATION_ITEMS, requests)
+            )
+        return {
+            "batch_id": batch_id,
+            "model_type": model_type,
+            "count": len(results),
+            "results": results,
+            "model_version": version,
+            "latency_ms": _ms_since(started),
+        }
 
     # --- seed 003 -----------------------------------------------------------------------------
 
@@ -486,23 +525,33 @@ def _score_sample(scores: np.ndarray, model: LoadedModel) -> np.ndarray | None:
     return None
 
 
-async def _contributions(model: LoadedModel, x: np.ndarray) -> np.ndarray:
+def _contributions(model: LoadedModel, x: np.ndarray) -> np.ndarray:
+    """Explanations are an extra: a version whose explainer fails still serves its scores."""
     if model.explainer is None:
         return np.zeros_like(x)
-    if len(x) <= 8:
-        return model.explainer.contributions(x)
-    return await anyio.to_thread.run_sync(model.explainer.contributions, x)
-
-
-def _parse_item(schema: type[BaseModel], item: Mapping[str, Any], index: int) -> Any:
-    from pydantic import ValidationError
-
     try:
-        return schema.model_validate(item)
+        return model.explainer.contributions(x)
+    except Exception as exc:
+        log.warning("%s:%s failed to explain: %s", model.name, model.version, exc)
+        metrics().errors.labels(model.name, model.version, "explain").inc()
+        return np.zeros_like(x)
+
+
+_CARD_ITEMS = TypeAdapter(list[CardFraudRequest])
+_PERSONALIZATION_ITEMS = TypeAdapter(list[PersonalizationRequest])
+
+
+def _parse_items(adapter: TypeAdapter[list[Any]], items: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """Every item validated in one pass; the first problem is named as `requests[i].field`."""
+    try:
+        return adapter.validate_python(items)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise InvalidInput(f"requests[{index}].{field}: {first['msg']}") from None
+        first = exc.errors(include_url=False)[0]
+        index, *field = first["loc"]
+        where = ".".join(str(p) for p in field)
+        raise InvalidInput(
+            f"requests[{index}]{'.' + where if where else ''}: {first['msg']}"
+        ) from None
 
 
 def columns_to_matrix(
