@@ -159,8 +159,10 @@ class Tiffin(LLMEndpoints):
         return await self.scoring.v1_predict(instances, version)
 
 
-Tiffin.add_asgi_middleware(ClientErrorMiddleware)  # type: ignore[attr-defined]
+# BentoML nests middlewares in the order added, the first outermost: the hot scoring routes are
+# answered before ClientErrorMiddleware wraps `send` for the rest (~4% of a worker's samples).
 Tiffin.add_asgi_middleware(FastPathMiddleware)  # type: ignore[attr-defined]
+Tiffin.add_asgi_middleware(ClientErrorMiddleware)  # type: ignore[attr-defined]
 serve_runners_in_process(Tiffin)
 if (_llm_model := packaged_llm_model()) is not None:  # None until models.tiny_llm has run
     Tiffin.models.append(_llm_model)  # type: ignore[attr-defined]

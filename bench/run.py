@@ -493,6 +493,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="Tiffin entry workers")
     parser.add_argument("--reference-contribs", choices=("path", "treeshap"), default="path")
     parser.add_argument("--rss-exclude", default="llm", help="regex: processes left out of RSS")
+    parser.add_argument(
+        "--llm",
+        action="store_true",
+        help="load the LLM in Tiffin's entry workers too (default: tabular bundle only)",
+    )
     parser.add_argument("--no-half", action="store_true", help="skip Tiffin's half-load step")
     parser.add_argument("--out", default=str(sysmod.RESULTS / "latest"))
     args = parser.parse_args(argv)
@@ -529,7 +534,9 @@ def main(argv: list[str] | None = None) -> int:
                     if not any(name in wl.routes for wl in loads):
                         continue
                     if name == "tiffin":
-                        system = sysmod.tiffin(redis.url, args.workers, args.rss_exclude)
+                        system = sysmod.tiffin(
+                            redis.url, args.workers, args.rss_exclude, llm=args.llm
+                        )
                     elif name == "reference":
                         system = sysmod.reference(redis.url, args.reference_contribs)
                     else:

@@ -227,11 +227,17 @@ def _base_env(redis_url: str) -> dict[str, str]:
     return env
 
 
-def tiffin(redis_url: str, workers: int = 2, rss_exclude: str = "llm") -> System:
+def tiffin(redis_url: str, workers: int = 2, rss_exclude: str = "llm", llm: bool = False) -> System:
+    """`llm` False: the tabular bundle the targets speak of ("LLM runner excluded"); the LLM runs
+    inside the entry workers, so excluding it means not loading it (`TIFFIN_LLM_ENABLED=false`)."""
     from bench.workloads import predict_fraud_body, score_fraud_body, v1_body
 
     port = free_port()
-    env = {**_base_env(redis_url), "TIFFIN_WORKERS": str(workers)}
+    env = {
+        **_base_env(redis_url),
+        "TIFFIN_WORKERS": str(workers),
+        "TIFFIN_LLM_ENABLED": str(llm).lower(),
+    }
     import random
 
     rng = random.Random(0)
@@ -257,7 +263,7 @@ def tiffin(redis_url: str, workers: int = 2, rss_exclude: str = "llm") -> System
     ]
     return System(
         "tiffin",
-        f"Tiffin (bentoml serve, {workers} workers)",
+        f"Tiffin (bentoml serve, {workers} workers, LLM {'loaded' if llm else 'disabled'})",
         [
             sys.executable,
             "-m",

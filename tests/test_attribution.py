@@ -12,7 +12,7 @@ import xgboost as xgb
 
 from tiffin import model_store
 from tiffin.errors import ModelLoadError
-from tiffin.runtimes import XGBoostPredictor
+from tiffin.runtimes import XGBoostPredictor, load_artifacts
 
 
 @pytest.mark.parametrize("name", ["card_fraud", "fraud_detection"])
@@ -61,3 +61,20 @@ def test_a_malformed_model_json_is_a_load_error(tmp_path: Path) -> None:
     (tmp_path / "model.json").write_text('{"learner": {"gradient_booster": {}}}')
     with pytest.raises(ModelLoadError, match=r"model\.json is not a loadable XGBoost model"):
         XGBoostPredictor("binary").load(tmp_path / "model.json")
+
+
+@pytest.mark.parametrize("name", ["card_fraud", "fraud_detection"])
+def test_one_pass_scores_equal_the_onnx_engine_and_xgboost(
+    model_store_ready: None, name: str
+) -> None:
+    """Scoring and explaining in one walk of the trees must not change a single score."""
+    stored = model_store.get(name)
+    model = load_artifacts(name, "t", Path(stored.path), model_store.card_of(stored))
+    assert model.one_pass is not None
+    x = np.random.default_rng(8).normal(1, 50, (500, model.n_features)).astype(np.float32)
+    x[::9, 2] = np.nan
+    scores, contributions = model.predict_explained(x)
+    np.testing.assert_allclose(scores, model.predict(x), atol=1e-5)
+    booster = model.explainer.booster  # type: ignore[union-attr]
+    np.testing.assert_allclose(scores, booster.inplace_predict(x), atol=1e-5)
+    np.testing.assert_allclose(contributions, model.explainer.contributions(x), atol=1e-6)  # type: ignore[union-attr]

@@ -369,3 +369,24 @@ def test_fetch_columns_degrades_when_redis_is_unreachable() -> None:
     card = got["card"]
     assert card.degraded and not card.found.any()
     np.testing.assert_array_equal(card.values, np.tile(CARD.default_record(), (2, 1)))
+
+
+def test_a_restarted_redis_is_not_a_degraded_request(fresh_redis: RedisServer) -> None:
+    """A pooled connection that died with the old server is replaced once, transparently."""
+    card = uid("card_restart")
+
+    async def body(store: FeatureStore) -> tuple[list[EntityLookup], list[EntityLookup]]:
+        await store.write("card", [card], card_records(1), [3.0])
+        before = await store.fetch([("card", card)])
+        fresh_redis.stop()
+        fresh_redis.start()  # same port, empty: the pooled connection is now dead
+        raw = redis.Redis.from_url(fresh_redis.url)
+        raw.set(f"features:card:{card}", pack(card_records(1)[0], 4.0))
+        raw.close()
+        return before, await store.fetch([("card", card)])
+
+    store = redis_store(fresh_redis.url)
+    before, after = run_with(lambda: store, body)
+    assert before[0].found and before[0].written_at == 3.0
+    assert after[0].found and not after[0].degraded and after[0].written_at == 4.0
+    assert store.last_error is None

@@ -20,9 +20,14 @@ import numpy as np
 
 
 class TreeAttribution:
-    """`contributions(x)` -> (rows, n_features) credit to the raw margin, bias left out."""
+    """`contributions(x)` -> (rows, n_features) credit to the raw margin, bias left out.
 
-    def __init__(self, onnx_model: bytes, n_features: int) -> None:
+    The compiled ensemble has one more target, the sum of the leaf values reached: with the
+    model's base margin that is the prediction itself, so `scores_and_contributions` answers a
+    binary or regression model's score and its explanation in one pass over the trees.
+    """
+
+    def __init__(self, onnx_model: bytes, n_features: int, base_margin: float | None) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -32,6 +37,8 @@ class TreeAttribution:
             onnx_model, sess_options=options, providers=["CPUExecutionProvider"]
         )
         self.n_features = n_features
+        self.base_margin = base_margin
+        self.link = "identity"
 
     @classmethod
     def from_xgboost_json(cls, raw: bytes) -> TreeAttribution:
@@ -40,12 +47,43 @@ class TreeAttribution:
             learner = json.loads(raw)["learner"]
             n_features = int(learner["learner_model_param"]["num_feature"])
             trees = learner["gradient_booster"]["model"]["trees"]
+            objective = learner["objective"]["name"]
+            base_score = _base_score(learner["learner_model_param"].get("base_score"))
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"not an XGBoost JSON model: {exc}") from exc
-        return cls(_compile(trees, n_features), n_features)
+        base_margin: float | None = None
+        link = "identity"
+        if objective == "binary:logistic" and base_score is not None and 0 < base_score < 1:
+            base_margin, link = float(np.log(base_score / (1 - base_score))), "logistic"
+        elif objective.startswith("reg:squared") and base_score is not None:
+            base_margin = base_score
+        compiled = cls(_compile(trees, n_features), n_features, base_margin)
+        compiled.link = link
+        return compiled
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self._session.run(None, {"X": np.ascontiguousarray(x, dtype=np.float32)})[0]
 
     def contributions(self, x: np.ndarray) -> np.ndarray:
-        return self._session.run(None, {"X": np.ascontiguousarray(x, dtype=np.float32)})[0]
+        return self._run(x)[:, :-1]
+
+    def scores_and_contributions(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n,) float32 scores as the model predicts them, and the contributions; only for
+        models whose base margin is known (`base_margin` not None)."""
+        if self.base_margin is None:
+            raise ValueError("this ensemble's objective has no known link to its scores")
+        out = self._run(x)
+        margin = out[:, -1].astype(np.float64) + self.base_margin
+        scores = 1.0 / (1.0 + np.exp(-margin)) if self.link == "logistic" else margin
+        return scores.astype(np.float32), out[:, :-1]
+
+
+def _base_score(raw: object) -> float | None:
+    """XGBoost 3 writes `[2.19E-1]` (one value per target), 2.x `2.19E-1`."""
+    if raw is None:
+        return None
+    values: list[Any] = json.loads(raw) if isinstance(raw, str) and raw.startswith("[") else [raw]
+    return float(values[0]) if len(values) == 1 else None
 
 
 def _compile(trees: list[dict[str, Any]], n_features: int) -> bytes:
@@ -86,17 +124,19 @@ def _compile(trees: list[dict[str, Any]], n_features: int) -> bytes:
                 0 if leaf else int(tree["default_left"][n])
             )
         for n, vector in credit.items():
-            for f in np.flatnonzero(vector).tolist():
-                nodes["target_treeids"].append(t)
-                nodes["target_nodeids"].append(n)
-                nodes["target_ids"].append(f)
-                nodes["target_weights"].append(float(vector[f]))
+            targets = [*np.flatnonzero(vector).tolist(), n_features]  # the last: the leaf value
+            weights = [*vector[targets[:-1]].tolist(), float(split_at[n])]
+            nodes["target_treeids"] += [t] * len(targets)
+            nodes["target_nodeids"] += [n] * len(targets)
+            nodes["target_ids"] += targets
+            nodes["target_weights"] += weights
+    outputs = n_features + 1
     ensemble = helper.make_node(
         "TreeEnsembleRegressor",
         ["X"],
         ["contributions"],
         domain="ai.onnx.ml",
-        n_targets=n_features,
+        n_targets=outputs,
         aggregate_function="SUM",
         post_transform="NONE",
         **nodes,
@@ -105,7 +145,7 @@ def _compile(trees: list[dict[str, Any]], n_features: int) -> bytes:
         [ensemble],
         "path_attribution",
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, n_features])],
-        [helper.make_tensor_value_info("contributions", TensorProto.FLOAT, [None, n_features])],
+        [helper.make_tensor_value_info("contributions", TensorProto.FLOAT, [None, outputs])],
     )
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
     model = helper.make_model(graph, opset_imports=opsets)

@@ -19,7 +19,7 @@ import struct
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -276,11 +276,37 @@ class RedisFeatureStore(_Lookups):
             blobs = None
         elif keys:
             try:
-                blobs = await self._redis().mget(keys)
+                blobs = await self._mget(keys)
             except Exception as exc:  # any Redis/network failure degrades, never fails the request
                 self._trip(exc)
                 blobs = None
         return _split_by_kind(wanted, layout, blobs)
+
+    async def _mget(self, keys: list[str]) -> list[bytes | None]:
+        """MGET with the command packed by hiredis: redis-py's asyncio client packs arguments in
+        Python, ~1 us a key (0.5 ms for a 256-row batch's 512 keys, against 0.06 ms here), and
+        offers no switch to hiredis' packer. A connection found broken is retried once."""
+        import hiredis
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        command: Any = ("MGET", *keys)  # hiredis' stub types the tuple as one element long
+        packed = hiredis.pack_command(command)
+        pool = self._redis().connection_pool
+        for attempt in (1, 2):
+            conn = await pool.get_connection()
+            try:
+                await conn.send_packed_command(packed)
+                return await conn.read_response()
+            except RedisConnectionError:
+                await conn.disconnect()
+                if attempt == 2:
+                    raise
+            except BaseException:
+                await conn.disconnect()
+                raise
+            finally:
+                await pool.release(conn)
+        raise AssertionError("unreachable")
 
     def _trip(self, exc: Exception) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"

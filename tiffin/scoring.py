@@ -221,11 +221,24 @@ class Scoring:
     def _infer(
         self, model: LoadedModel, x: np.ndarray, started: float, pinned: bool = False
     ) -> tuple[LoadedModel, np.ndarray, Observation]:
-        """Predict; a version that raises or returns non-finite scores is recorded as failing and
-        the request is answered by the stable version instead (unless the client pinned it)."""
+        model, scores, _, obs = self._infer_explained(model, x, started, pinned, explain=False)
+        return model, scores, obs
+
+    def _infer_explained(
+        self,
+        model: LoadedModel,
+        x: np.ndarray,
+        started: float,
+        pinned: bool = False,
+        explain: bool = True,
+    ) -> tuple[LoadedModel, np.ndarray, np.ndarray, Observation]:
+        """Predict (and explain); a version that raises or returns non-finite scores is recorded
+        as failing and the request is answered by the stable version instead (unless the client
+        pinned it). Contributions are zeros when not asked for or not available."""
         obs = Observation(model.name, model.version, started)
         try:
-            return model, _finite(model.predict(x), model), obs
+            scores, contributions = _predict(model, x, explain)
+            return model, _finite(scores, model), contributions, obs
         except InvalidInput:
             raise
         except Exception as exc:
@@ -239,7 +252,8 @@ class Scoring:
                 raise ModelUnavailable(f"model {model.name}:{model.version} failed: {exc}") from exc
             fallback = pool.get(stable)
             obs = Observation(fallback.name, fallback.version, started)
-            return fallback, _finite(fallback.predict(x), fallback), obs
+            scores, contributions = _predict(fallback, x, explain)
+            return fallback, _finite(scores, fallback), contributions, obs
         finally:
             self._mirror(model.name, x)
 
@@ -349,8 +363,10 @@ class Scoring:
             cards.values,
             merchants.values,
         )
-        model, scores, obs = self._infer(chosen, x, started, pinned=pinned is not None)
-        factors = CARD_FACTORS.top(_contributions(model, x))
+        model, scores, contributions, obs = self._infer_explained(
+            chosen, x, started, pinned=pinned is not None
+        )
+        factors = CARD_FACTORS.top(contributions)
         report = EntityReport(self.store.backend, (cards, merchants), time.time())
         rounded = np.round(scores.astype(np.float64), 6).tolist()
         latency = _ms_since(started)
@@ -525,16 +541,16 @@ def _score_sample(scores: np.ndarray, model: LoadedModel) -> np.ndarray | None:
     return None
 
 
-def _contributions(model: LoadedModel, x: np.ndarray) -> np.ndarray:
+def _predict(model: LoadedModel, x: np.ndarray, explain: bool) -> tuple[np.ndarray, np.ndarray]:
     """Explanations are an extra: a version whose explainer fails still serves its scores."""
-    if model.explainer is None:
-        return np.zeros_like(x)
+    if not explain:
+        return model.predict(x), np.zeros_like(x)
     try:
-        return model.explainer.contributions(x)
+        return model.predict_explained(x)
     except Exception as exc:
-        log.warning("%s:%s failed to explain: %s", model.name, model.version, exc)
+        log.warning("%s:%s failed to predict with explanations: %s", model.name, model.version, exc)
         metrics().errors.labels(model.name, model.version, "explain").inc()
-        return np.zeros_like(x)
+        return model.predict(x), np.zeros_like(x)
 
 
 _CARD_ITEMS = TypeAdapter(list[CardFraudRequest])
