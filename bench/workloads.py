@@ -131,7 +131,7 @@ WORKLOADS: dict[str, Workload] = {
             "score_fraud",
             "/score/fraud (Redis features + model + contributions)",
             25.0,
-            100,
+            200,
             routes={
                 "tiffin": ("/score/fraud", score_fraud_body),
                 "seed": ("/score/fraud", score_fraud_body),
@@ -142,7 +142,7 @@ WORKLOADS: dict[str, Workload] = {
             "predict_generic",
             "generic predict, card_fraud, 1 row",
             25.0,
-            100,
+            200,
             routes={
                 "tiffin": ("/predict", generic_body),
                 "mlserver": ("/v2/models/card_fraud/infer", mlserver_body),
@@ -153,7 +153,7 @@ WORKLOADS: dict[str, Workload] = {
             "predict_fraud",
             "/predict/fraud (seed 000, request features)",
             25.0,
-            100,
+            200,
             routes={
                 "tiffin": ("/predict/fraud", predict_fraud_body),
                 "seed": ("/predict/fraud", predict_fraud_body),
@@ -163,7 +163,7 @@ WORKLOADS: dict[str, Workload] = {
             "score_batch",
             "/score/batch, 256 rows",
             250.0,
-            2,
+            8,
             rows_per_request=256,
             routes={
                 "tiffin": ("/score/batch", score_batch_body),
@@ -174,7 +174,7 @@ WORKLOADS: dict[str, Workload] = {
             "v1_predict",
             "/v1/models/predict (seed 004, species v1)",
             25.0,
-            100,
+            200,
             routes={"tiffin": ("/v1/models/predict", v1_body)},
         ),
     )
