@@ -52,7 +52,8 @@ def summarize(folded: Path, top: int = 30) -> str:
     total = 0
     for line in folded.read_text().splitlines():
         stack, _, count_s = line.rpartition(" ")
-        if "worker.service" not in stack:  # the arbiter and other helpers
+        # the arbiter and other helpers; a line py-spy broke at a newline inside a frame name
+        if "worker.service" not in stack or not count_s.isdigit():
             continue
         count = int(count_s)
         frames = [f for f in stack.split(";") if not f.startswith("process ")]
