@@ -54,9 +54,6 @@ class EntityLookup:
     written_at: float | None
     degraded: bool = False
 
-    def age_seconds(self, now: float) -> float | None:
-        return None if self.written_at is None else max(0.0, now - self.written_at)
-
 
 @dataclass(frozen=True)
 class EntityColumns:
