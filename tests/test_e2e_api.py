@@ -129,6 +129,26 @@ def test_batch_rows_equal_single_requests(tiffin: Served) -> None:
     assert any(r["top_risk_factors"] for r in rows)
 
 
+def test_personalization_batch_rows_equal_single_requests(tiffin: Served) -> None:
+    items = [
+        {"user_id": f"user_{i:08d}", "item_id": item, "session_id": session}
+        for i, (item, session) in enumerate(
+            [("item_electronics_001", "session_abc123"), ("item_never_seen", None)] * 6
+        )
+    ]
+    items.append({"user_id": "user_nobody", "item_id": "i", "item_category": "books"})
+    batch = post(tiffin, "/score/batch", {"model_type": "personalization", "requests": items})
+    assert batch.status_code == 200, batch.text
+    rows = batch.json()["results"]
+    volatile = {"latency_ms", "feature_freshness_sec"}
+    for item, row in zip(items, rows, strict=True):
+        single = post(tiffin, "/score/personalization", item).json()
+        assert {k: v for k, v in row.items() if k not in volatile} == {
+            k: v for k, v in single.items() if k not in volatile
+        }
+    assert rows[-1]["features"]["defaults_used"] == ["user:user_nobody", "item:i"]
+
+
 def test_seed_000_endpoints(client) -> None:
     fraud = client.predict_fraud(**seed.AD_FRAUD)
     assert 0 <= fraud["fraud_probability"] <= 1 and fraud["model_version"] == "1.0.0"
