@@ -10,6 +10,7 @@ unchanged; any other request passes through untouched.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from tiffin import schemas
 from tiffin.errors import TiffinError
 from tiffin.http_errors import describe_errors
 from tiffin.scoring import Scoring
+from tiffin.settings import server_settings
 
 log = logging.getLogger("tiffin.fast_path")
 Handler = Callable[[Scoring, Any], Awaitable[Any]]
@@ -31,6 +33,8 @@ Handler = Callable[[Scoring, Any], Awaitable[Any]]
 class FastRoute:
     schema: type[BaseModel]
     handle: Handler
+    batch: bool = False
+    """Admitted through the worker's batch slots (`ServerSettings.batch_concurrency`)."""
 
 
 class V1PredictBody(BaseModel):
@@ -50,7 +54,7 @@ ROUTES: dict[str, FastRoute] = {
         schemas.PersonalizationRequest, lambda s, r: s.personalization(r)
     ),
     "/score/batch": FastRoute(
-        ScoreBatchBody, lambda s, r: s.batch(r.model_type, r.requests, r.batch_id)
+        ScoreBatchBody, lambda s, r: s.batch(r.model_type, r.requests, r.batch_id), batch=True
     ),
     "/predict/fraud": FastRoute(schemas.AdFraudRequest, lambda s, r: s.ad_fraud(r)),
     "/predict/ctr": FastRoute(schemas.CtrRequest, lambda s, r: s.ctr(r)),
@@ -103,6 +107,7 @@ async def _answer(route: FastRoute, scoring: Scoring, body: bytes) -> tuple[int,
 class FastPathMiddleware:
     def __init__(self, app: Any) -> None:
         self.app = app
+        self._batch_slots: asyncio.Semaphore | None = None  # created on the worker's own loop
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         route = ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
@@ -110,6 +115,17 @@ class FastPathMiddleware:
         if route is None or scoring is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
+        if not route.batch:
+            await self._serve(route, scoring, scope, receive, send)
+            return
+        if self._batch_slots is None:
+            self._batch_slots = asyncio.Semaphore(server_settings().batch_concurrency)
+        async with self._batch_slots:  # waiting batches stay raw bytes, not 256 parsed rows
+            await self._serve(route, scoring, scope, receive, send)
+
+    async def _serve(
+        self, route: FastRoute, scoring: Scoring, scope: Any, receive: Any, send: Any
+    ) -> None:
         chunks = []
         more = True
         while more:

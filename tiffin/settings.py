@@ -54,6 +54,12 @@ class ServerSettings(BaseSettings):
     max_batch_rows: int = Field(1024, ge=1, le=100_000)
     """Largest number of rows one batch request may carry; larger batches get a 4xx."""
 
+    batch_concurrency: int = Field(2, ge=1, le=1024)
+    """`/score/batch` requests one worker decodes and scores at once; later ones wait as raw
+    bytes, in arrival order. A worker has one core, so more gains nothing, and under overload
+    every batch held decoded at once costs ~0.5 MB of Python objects that the process keeps
+    afterwards."""
+
 
 class FeatureStoreSettings(BaseSettings):
     """The online feature store: Redis in production, an embedded in-process store otherwise."""
