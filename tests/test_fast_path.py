@@ -52,13 +52,13 @@ def test_a_worker_scores_at_most_batch_concurrency_batches_at_once(model_store: 
         assert orjson.loads(sent[1]["body"])["count"] == 8
         return int(sent[0]["status"])
 
-    async def twelve_at_once() -> list[int]:
-        return list(await asyncio.gather(*(one_request() for _ in range(12))))
+    async def twenty_at_once() -> list[int]:
+        return list(await asyncio.gather(*(one_request() for _ in range(20))))
 
     previous, fast_path.bound.scoring = fast_path.bound.scoring, scoring
     try:
-        statuses = asyncio.run(twelve_at_once())
+        statuses = asyncio.run(twenty_at_once())
     finally:
         fast_path.bound.scoring = previous
-    assert statuses == [200] * 12
-    assert scoring.peak == server_settings().batch_concurrency == 2
+    assert statuses == [200] * 20
+    assert scoring.peak == server_settings().batch_concurrency == 8
