@@ -199,8 +199,7 @@ class LoadedModel:
     def predict_explained(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scores and per-feature contributions (zeros without an explainer)."""
         if self.one_pass is not None:
-            scores, contributions = self.one_pass.scores_and_contributions(features)
-            return scores, contributions
+            return self.one_pass.scores_and_contributions(features)
         if self.explainer is None:
             return self.predict(features), np.zeros_like(features)
         return self.predict(features), self.explainer.contributions(features)
@@ -243,8 +242,7 @@ def load_artifacts(name: str, version: str, directory: Path, card: ModelCard) ->
             )
     model = LoadedModel(name, version, card, predictor, native)
     try:
-        probe = np.zeros((1, declared), dtype=np.float32)
-        model.predict(probe)
+        model.predict(np.zeros((1, declared), dtype=np.float32))
     except Exception as exc:
         raise ModelLoadError(f"{name}:{version} failed its warm-up prediction: {exc}") from exc
     model.one_pass = _checked_one_pass(model)
@@ -254,15 +252,8 @@ def load_artifacts(name: str, version: str, directory: Path, card: ModelCard) ->
 def _checked_one_pass(model: LoadedModel) -> Any:
     """The explainer, when its one-pass scores equal the serving engine's on probe rows."""
     attribution = getattr(model.explainer, "attribution", None)
-    if (
-        attribution is None
-        or attribution.base_margin is None
-        or model.card.task
-        not in (
-            "binary",
-            "regression",
-        )
-    ):
+    scored_by_margin = model.card.task in ("binary", "regression")
+    if attribution is None or attribution.base_margin is None or not scored_by_margin:
         return None
     rng = np.random.default_rng(0)
     probe = np.concatenate(

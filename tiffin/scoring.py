@@ -231,10 +231,10 @@ class Scoring:
         started: float,
         pinned: bool = False,
         explain: bool = True,
-    ) -> tuple[LoadedModel, np.ndarray, np.ndarray, Observation]:
+    ) -> tuple[LoadedModel, np.ndarray, np.ndarray | None, Observation]:
         """Predict (and explain); a version that raises or returns non-finite scores is recorded
         as failing and the request is answered by the stable version instead (unless the client
-        pinned it). Contributions are zeros when not asked for or not available."""
+        pinned it). Contributions: None when not asked for, zeros when not available."""
         obs = Observation(model.name, model.version, started)
         try:
             scores, contributions = _predict(model, x, explain)
@@ -366,6 +366,7 @@ class Scoring:
         model, scores, contributions, obs = self._infer_explained(
             chosen, x, started, pinned=pinned is not None
         )
+        assert contributions is not None  # asked for, so always an array
         factors = CARD_FACTORS.top(contributions)
         report = EntityReport(self.store.backend, (cards, merchants), time.time())
         rounded = np.round(scores.astype(np.float64), 6).tolist()
@@ -541,10 +542,12 @@ def _score_sample(scores: np.ndarray, model: LoadedModel) -> np.ndarray | None:
     return None
 
 
-def _predict(model: LoadedModel, x: np.ndarray, explain: bool) -> tuple[np.ndarray, np.ndarray]:
+def _predict(
+    model: LoadedModel, x: np.ndarray, explain: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Explanations are an extra: a version whose explainer fails still serves its scores."""
     if not explain:
-        return model.predict(x), np.zeros_like(x)
+        return model.predict(x), None
     try:
         return model.predict_explained(x)
     except Exception as exc:
