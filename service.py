@@ -24,7 +24,8 @@ from tiffin.auth import auth_settings, check_startup
 from tiffin.fast_path import FastPathMiddleware, bound
 from tiffin.feature_store import EmbeddedFeatureStore, open_store
 from tiffin.http_errors import ClientErrorMiddleware
-from tiffin.lifecycle import LifecycleManager
+from tiffin.lifecycle.manager import LifecycleManager
+from tiffin.lifecycle.traffic import TrafficSettings, open_backend
 from tiffin.llm import openai_api
 from tiffin.llm import routes as llm_routes
 from tiffin.llm.endpoints import LLMEndpoints
@@ -34,7 +35,6 @@ from tiffin.model_pool import ModelPool
 from tiffin.scoring import Scoring
 from tiffin.settings import feature_store_settings, model_settings, server_settings
 from tiffin.topology import cache_output_media_types, serve_runners_in_process
-from tiffin.traffic import TrafficSettings, open_backend
 
 SERVER = server_settings()
 logging.getLogger("tiffin").setLevel(SERVER.log_level)

@@ -12,11 +12,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tiffin import version_metrics as vm
-from tiffin.ab_stats import compare
 from tiffin.auth import AuthError, AuthSettings, authorize, check_startup, mint
-from tiffin.lifecycle import breach, split_id
-from tiffin.traffic import (
+from tiffin.lifecycle import stats as vm
+from tiffin.lifecycle.ab_stats import compare
+from tiffin.lifecycle.manager import breach, split_id
+from tiffin.lifecycle.traffic import (
     FileStateBackend,
     Thresholds,
     pick_version,

@@ -23,12 +23,12 @@ from starlette.routing import Route
 
 from models import importer
 from tiffin import model_store
-from tiffin import version_metrics as vm
 from tiffin.auth import AuthError, auth_settings, authorize
 from tiffin.errors import InvalidInput, ModelNotFound, TiffinError
 from tiffin.http_errors import describe_errors
-from tiffin.lifecycle import LifecycleManager, split_id
-from tiffin.traffic import Strategy, Thresholds
+from tiffin.lifecycle import stats as vm
+from tiffin.lifecycle.manager import LifecycleManager, split_id
+from tiffin.lifecycle.traffic import Strategy, Thresholds
 
 Handler = Callable[[Request], Awaitable[Response]]
 

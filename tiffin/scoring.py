@@ -22,7 +22,7 @@ from pydantic import TypeAdapter, ValidationError
 from tiffin import featurize as fz
 from tiffin.errors import InvalidInput, ModelNotFound, ModelUnavailable
 from tiffin.feature_store import EntityColumns, FeatureStore
-from tiffin.lifecycle import LifecycleManager
+from tiffin.lifecycle.manager import LifecycleManager
 from tiffin.llm.explain import explain_fraud_or_rules
 from tiffin.metrics import metrics, observe_many
 from tiffin.model_pool import ModelPool

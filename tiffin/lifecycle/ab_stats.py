@@ -1,4 +1,4 @@
-"""A/B test statistics from two arms' metric snapshots (see `tiffin.version_metrics`).
+"""A/B test statistics from two arms' metric snapshots (see `tiffin.lifecycle.stats`).
 
 - error rate: two-proportion z-test, 95% CI of the difference (B - A);
 - mean prediction score: Welch's t-test, variance from the score histogram;
@@ -13,7 +13,7 @@ from typing import Any
 
 from scipy import stats
 
-from tiffin import version_metrics as vm
+from tiffin.lifecycle import stats as vm
 from tiffin.metrics import LATENCY_BUCKETS
 
 MIN_SAMPLES = 100

@@ -1,10 +1,10 @@
 """Model lifecycle inside the service: traffic splits, hot swaps, canaries, A/B tests, shadows.
 
 Each worker runs one `LifecycleManager`. A background thread polls the shared traffic state
-(`tiffin.traffic`), loads and warms any version the state routes to *before* routing to it, swaps
-the worker's routing table atomically and acknowledges the revision. One worker at a time holds
-the leader lease and drives time-based work: canary steps, automatic rollback, A/B expiry.
-Admin calls change the state with compare-and-set and wait until every live worker has
+(`tiffin.lifecycle.traffic`), loads and warms any version the state routes to *before* routing
+to it, swaps the worker's routing table atomically and acknowledges the revision. One worker at
+a time holds the leader lease and drives time-based work: canary steps, automatic rollback, A/B
+expiry. Admin calls change the state with compare-and-set and wait until every live worker has
 acknowledged, so "done" means done everywhere.
 """
 
@@ -20,10 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tiffin import version_metrics as vm
 from tiffin.errors import Conflict, InvalidInput, ModelLoadError, ModelNotFound
-from tiffin.model_pool import ModelPool
-from tiffin.traffic import (
+from tiffin.lifecycle import stats as vm
+from tiffin.lifecycle.traffic import (
     ABTest,
     Deployment,
     StateBackend,
@@ -35,6 +34,7 @@ from tiffin.traffic import (
     sticky_bucket,
     validate_weights,
 )
+from tiffin.model_pool import ModelPool
 
 log = logging.getLogger("tiffin.lifecycle")
 DEFAULT_STEPS = {"canary": [10, 25, 50, 100], "rolling": [20, 40, 60, 80, 100]}
@@ -425,7 +425,7 @@ class LifecycleManager:
         now = vm.snapshot(family, [a, b])
         arm_a = vm.delta(now.get(a, vm.empty()), test.baseline.get(a))
         arm_b = vm.delta(now.get(b, vm.empty()), test.baseline.get(b))
-        from tiffin.ab_stats import compare
+        from tiffin.lifecycle.ab_stats import compare
 
         return compare(arm_a, arm_b, test.success_metrics)
 
