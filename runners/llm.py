@@ -3,13 +3,14 @@ OpenAI-compatible backend), with seed 002's endpoints and the OpenAI-compatible 
 
 `bentoml serve runners.llm:LLMRunner` serves, on one port:
 
-- `POST /generate`, `POST /generate/structured` (from `LLMEndpoints`)
+- `POST /generate`, `POST /generate/structured`
 - `/openai/v1/...` — OpenAI-compatible chat/completions, completions, models
 - `GET /circuit-breaker/status`, `POST /circuit-breaker/reset`, `GET /llm/status`
-- `GET /health`, `GET /ready`
+- `GET /health`, `GET /ready`, `GET /metrics`
 
-The entry service `Tiffin` embeds the same pieces (see docs/llm.md); this service is for running
-the LLM on its own, e.g. on a machine with Apple Silicon next to CPU-only tabular workers.
+The entry service declares it like every runner (tiffin.topology): built inside each entry
+worker (in-process), started as its own processes (separate), or reached at a URL (remote, e.g.
+a machine with Apple Silicon next to CPU-only tabular workers), its routes then forwarded.
 """
 
 from __future__ import annotations
@@ -17,17 +18,14 @@ from __future__ import annotations
 from typing import Any
 
 import bentoml
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from models import tiny_llm
-from tiffin.http_errors import ClientErrorMiddleware
-from tiffin.llm import openai_api, routes, runtime
-from tiffin.llm.endpoints import LLMEndpoints
-from tiffin.llm.runtime import LLM, install_llm
+from tiffin.app import TiffinGateway
+from tiffin.composition import compose_llm_only
+from tiffin.llm.runtime import LLM
 from tiffin.llm.settings import llm_settings
+from tiffin.ops import not_ready
+from tiffin.settings import server_settings
 
 SETTINGS = llm_settings()
 
@@ -44,39 +42,21 @@ def packaged_llm_model() -> Any:
     return None
 
 
-async def health(_: Request) -> Response:
-    component = await runtime.current().health()
-    ok = component["status"] in ("ok", "disabled")
-    return JSONResponse(
-        {"status": "ok" if ok else "degraded", "components": {"llm": component}},
-    )
-
-
-async def ready(_: Request) -> Response:
-    llm = runtime.current()
-    if llm.engine is None and not llm.disabled:
-        return JSONResponse({"status": "not_ready", "reason": llm.unavailable_reason}, 503)
-    return JSONResponse({"status": "ready", "model": llm.model_id, "engine": llm.engine_kind})
-
-
-ops = Starlette(
-    routes=[Route("/health", health), Route("/ready", ready), *routes.routes],
-)
-
-
-@bentoml.asgi_app(openai_api.app, path="/openai")
-@bentoml.asgi_app(ops, path="/")
 @bentoml.service(
     name="tiffin_llm",
     workers=1,
     traffic={"timeout": SETTINGS.request_timeout_s + 10, "max_concurrency": 256},
 )
-class LLMRunner(LLMEndpoints):
+class LLMRunner:
     def __init__(self) -> None:
-        self.llm: LLM = install_llm(SETTINGS)
+        self.llm = LLM.from_settings(SETTINGS)
+        self.worker = compose_llm_only(self.llm, server_settings())
+
+    async def __is_ready__(self) -> bool:
+        return await not_ready(self.worker) is None
 
 
 _model = packaged_llm_model()
 if _model is not None:
     LLMRunner.models.append(_model)  # type: ignore[attr-defined]
-LLMRunner.add_asgi_middleware(ClientErrorMiddleware)  # type: ignore[attr-defined]
+LLMRunner.add_asgi_middleware(TiffinGateway)  # type: ignore[attr-defined]

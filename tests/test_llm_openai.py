@@ -12,7 +12,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 import instructor
@@ -21,16 +21,16 @@ import pytest
 import uvicorn
 from jsonschema import Draft202012Validator
 from pydantic import BaseModel, Field
-from starlette.applications import Starlette
-from starlette.routing import Mount
 
 from models import tiny_llm
 from tests.conftest import free_port, wait_for
-from tiffin.llm import openai_api, routes, runtime
+from tiffin.app import TiffinApp
+from tiffin.composition import Worker, compose_llm_only
 from tiffin.llm.engine import Delta, Finished, Prompt
 from tiffin.llm.response_models import FraudExplanation
 from tiffin.llm.runtime import LLM
 from tiffin.llm.settings import LLMSettings
+from tiffin.settings import ServerSettings
 
 MODEL = tiny_llm.NAME
 
@@ -70,7 +70,7 @@ ORDER_SCHEMA = {
 
 
 class Server:
-    def __init__(self, app: Starlette) -> None:
+    def __init__(self, app: Any) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
@@ -90,15 +90,20 @@ class Server:
 @pytest.fixture(scope="module")
 def llm() -> Iterator[LLM]:
     tiny_llm.ensure()
-    llm = runtime.install(LLM.from_settings(LLMSettings()))
+    llm = LLM.from_settings(LLMSettings())
     assert llm.engine is not None, llm.unavailable_reason
     yield llm
 
 
 @pytest.fixture(scope="module")
-def server(llm: LLM) -> Iterator[Server]:
-    app = Starlette(routes=[*routes.routes, Mount("/openai", app=openai_api.app)])
-    served = Server(app).start()
+def worker(llm: LLM) -> Worker:
+    """The LLM runner's own composition, served by the Tiffin application under uvicorn."""
+    return compose_llm_only(llm, ServerSettings())
+
+
+@pytest.fixture(scope="module")
+def server(worker: Worker) -> Iterator[Server]:
+    served = Server(TiffinApp(worker)).start()
     yield served
     served.stop()
 
@@ -250,9 +255,8 @@ def test_bad_requests_get_openai_errors_naming_the_problem(
         client.chat.completions.create(**body)
 
 
-def test_api_key_is_required_when_configured(server: Server, llm: LLM) -> None:
-    keyed = LLM(LLMSettings(api_key="s3cret"), llm.engine)
-    runtime.install(keyed)
+def test_api_key_is_required_when_configured(server: Server, worker: Worker, llm: LLM) -> None:
+    worker.llm = LLM(LLMSettings(api_key="s3cret"), llm.engine)
     try:
         url = f"{server.url}/openai/v1/models"
         assert httpx.get(url).status_code == 401
@@ -260,7 +264,7 @@ def test_api_key_is_required_when_configured(server: Server, llm: LLM) -> None:
         assert httpx.get(url, headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert httpx.post(f"{server.url}/circuit-breaker/reset").status_code == 401
     finally:
-        runtime.install(llm)
+        worker.llm = llm
 
 
 def test_breaker_routes(server: Server) -> None:

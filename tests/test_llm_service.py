@@ -4,10 +4,9 @@
    `/generate` and `/generate/structured`, streaming, every bad-input case as a 4xx naming the
    problem, the OpenAI-compatible API at `/openai/v1` for openai and instructor clients, and the
    metrics (tokens/s, time to first token, queue depth, structured failures) by model.
-2. Tiffin's entry service with the LLM integrated the way docs/llm.md tells the lead to (the class
-   below mixes `LLMEndpoints` into `service.Tiffin`), with the LLM backend down: every tabular
-   endpoint still answers, the LLM endpoints answer 503 with the breaker state, and `/health`
-   says the LLM is down.
+2. Tiffin's entry service (`service:Tiffin`, the LLM in process) with the LLM backend down:
+   every tabular endpoint still answers, the LLM endpoints answer 503 with the breaker state,
+   and `/health` says the LLM is down.
 """
 
 from __future__ import annotations
@@ -28,50 +27,6 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parent.parent
-
-if os.environ.get("TIFFIN_LLM_TEST_SERVICE") == "1":
-    # Imported by `bentoml serve tests.test_llm_service:TiffinWithLLM` only: the integration the
-    # lead applies to service.py / tiffin/ops.py, composed here without editing those files.
-    import bentoml
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
-    from starlette.routing import Route
-
-    import service as entry
-    from tiffin import ops
-    from tiffin.http_errors import ClientErrorMiddleware
-    from tiffin.llm import openai_api
-    from tiffin.llm import routes as llm_routes
-    from tiffin.llm.endpoints import LLMEndpoints
-    from tiffin.llm.runtime import install_llm
-    from tiffin.topology import serve_runners_in_process
-
-    async def health_with_llm(request: Request) -> Response:
-        """ops.health plus the LLM component, as the proposed ops.py change does."""
-        body = json.loads(bytes((await ops.health(request)).body))
-        body["components"]["llm"] = await llm_routes.health_component()
-        statuses = {c.get("status") for c in body["components"].values()}
-        body["status"] = "ok" if statuses <= {"ok", "disabled"} else "degraded"
-        return JSONResponse(body)
-
-    # BentoML mounts apps passively (a mount only matches when one of its routes does), so the
-    # operational routes are listed one by one, not behind a catch-all Mount("/").
-    others = [r for r in ops.app.routes if getattr(r, "path", None) != "/health"]
-    front = Starlette(routes=[Route("/health", health_with_llm), *llm_routes.routes, *others])
-
-    @bentoml.asgi_app(openai_api.app, path="/openai")
-    @bentoml.asgi_app(front, path="/")
-    @bentoml.service(
-        name="tiffin_with_llm", workers=1, traffic={"timeout": 30, "max_concurrency": 512}
-    )
-    class TiffinWithLLM(entry.Tiffin.inner, LLMEndpoints):  # type: ignore[misc, name-defined]
-        def __init__(self) -> None:
-            super().__init__()
-            self.llm = install_llm()
-
-    TiffinWithLLM.add_asgi_middleware(ClientErrorMiddleware)
-    serve_runners_in_process(TiffinWithLLM)
 
 
 class Served:
@@ -305,9 +260,9 @@ def tiffin_llm_down(model_store: str) -> Iterator[Served]:
 
     dead = free_port()  # nothing listens there: connection refused
     served = serve(
-        "tests.test_llm_service:TiffinWithLLM",
+        "service:Tiffin",
         {
-            "TIFFIN_LLM_TEST_SERVICE": "1",
+            "TIFFIN_WORKERS": "1",
             "TIFFIN_LLM_ENGINE": "remote",
             "OLLAMA_BASE_URL": f"http://127.0.0.1:{dead}/v1",
             "TIFFIN_LLM_BREAKER_FAILURE_THRESHOLD": "2",

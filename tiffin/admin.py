@@ -11,26 +11,23 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
-from starlette.responses import Response
 from starlette.routing import Route
 
 from models import importer
 from tiffin import model_store
-from tiffin.auth import AuthError, auth_settings, authorize
-from tiffin.errors import InvalidInput, ModelNotFound, TiffinError
-from tiffin.http_errors import describe_errors
+from tiffin.context import worker_of
+from tiffin.errors import InvalidInput, ModelNotFound
+from tiffin.http_errors import JSON, describe_errors, endpoint
 from tiffin.lifecycle import stats as vm
 from tiffin.lifecycle.manager import LifecycleManager, split_id
 from tiffin.lifecycle.traffic import Strategy, Thresholds
-
-Handler = Callable[[Request], Awaitable[Response]]
 
 
 class _Body(BaseModel):
@@ -74,45 +71,10 @@ class ShadowRequest(_Body):
     versions: list[str]
 
 
-class AdminContext:
-    lifecycle: LifecycleManager | None = None
-    v1_model: str = "species_classifier"
-
-
-context = AdminContext()
-
-
-def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    body = json.dumps(content, default=str).encode()
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
-
-
-def _error(status: int, message: str) -> Response:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return _json({"error": message}, status, headers)
-
-
-def guarded(scope: str | None) -> Callable[[Callable[..., Awaitable[Response]]], Handler]:
-    """Auth (when `scope` is given), typed errors to status codes, never a stack trace."""
-
-    def wrap(handler: Callable[..., Awaitable[Response]]) -> Handler:
-        async def endpoint(request: Request) -> Response:
-            try:
-                if scope is not None:
-                    authorize(request.headers.get("authorization"), scope, auth_settings())
-                if context.lifecycle is None:
-                    return _error(503, "the service is still starting")
-                return await handler(request, context.lifecycle)
-            except AuthError as exc:
-                return _error(exc.status, exc.message)
-            except ValidationError as exc:
-                return _error(422, describe_errors(exc.errors()))
-            except TiffinError as exc:
-                return _error(int(exc.error_code), str(exc))
-
-        return endpoint
-
-    return wrap
+def _lifecycle(request: Request) -> LifecycleManager:
+    lifecycle = worker_of(request).lifecycle
+    assert lifecycle is not None, "admin routes are mounted only on workers with a lifecycle"
+    return lifecycle
 
 
 async def _body(request: Request, model: type[BaseModel]) -> Any:
@@ -121,11 +83,14 @@ async def _body(request: Request, model: type[BaseModel]) -> Any:
         data = json.loads(raw or b"{}")
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"body: invalid JSON ({exc.msg})") from None
-    return model.model_validate(data)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:  # the admin API has always answered these with 422
+        raise InvalidInput(describe_errors(exc.errors())) from None
 
 
 def _family(request: Request) -> str:
-    return request.query_params.get("model") or context.v1_model
+    return request.query_params.get("model") or worker_of(request).v1_model
 
 
 async def _thread(fn: Callable[..., Any], *args: Any) -> Any:
@@ -187,27 +152,24 @@ def _artifacts_from(req: RegisterRequest) -> tuple[dict[str, bytes], dict[str, A
     raise InvalidInput(f"model_path: {req.model_path} does not exist on the server")
 
 
-@guarded("models:write")
-async def register(request: Request, _: LifecycleManager) -> Response:
+async def register(request: Request) -> Any:
     req = await _body(request, RegisterRequest)
-    return _json(await _thread(_register, req), 201)
+    return JSON(await _thread(_register, req), status_code=201)
 
 
-@guarded("models:write")
-async def activate(request: Request, lifecycle: LifecycleManager) -> Response:
+async def activate(request: Request) -> Any:
+    lifecycle = _lifecycle(request)
     family, version = split_id(request.path_params["model_id"])
     deployment = await _thread(lifecycle.deploy, family, version, "immediate", None, None, None)
-    return _json(
-        {
-            "model_id": f"{family}:{version}",
-            "status": "active",
-            "deployment": deployment.model_dump(),
-        }
-    )
+    return {
+        "model_id": f"{family}:{version}",
+        "status": "active",
+        "deployment": deployment.model_dump(),
+    }
 
 
-@guarded("models:write")
-async def deploy(request: Request, lifecycle: LifecycleManager) -> Response:
+async def deploy(request: Request) -> Any:
+    lifecycle = _lifecycle(request)
     family, version = split_id(request.path_params["model_id"])
     req = await _body(request, DeployRequest)
     deployment = await _thread(
@@ -220,30 +182,30 @@ async def deploy(request: Request, lifecycle: LifecycleManager) -> Response:
         req.thresholds,
     )
     status = 200 if deployment.status == "completed" else 202
-    return _json(deployment.model_dump(), status)
+    return JSON(deployment.model_dump(), status_code=status)
 
 
-@guarded("models:write")
-async def reload_model(request: Request, lifecycle: LifecycleManager) -> Response:
+async def reload_model(request: Request) -> Any:
+    lifecycle = _lifecycle(request)
     name = request.path_params["model"]
     state = await _thread(lifecycle.reload, name)
-    return _json({"message": f"Reloading model {name}", "revision": state.revision})
+    return {"message": f"Reloading model {name}", "revision": state.revision}
 
 
 # --- traffic ----------------------------------------------------------------------------------
 
 
-@guarded(None)
-async def get_split(request: Request, lifecycle: LifecycleManager) -> Response:
+async def get_split(request: Request) -> Any:
+    lifecycle = _lifecycle(request)
     family = _family(request)
     weights = lifecycle.weights(family)
     if not weights:
         raise ModelNotFound(f"model {family!r} is not in the model store")
-    return _json(weights)
+    return weights
 
 
-@guarded("traffic:write")
-async def set_split(request: Request, lifecycle: LifecycleManager) -> Response:
+async def set_split(request: Request) -> Any:
+    lifecycle = _lifecycle(request)
     raw = await request.body()
     try:
         weights = json.loads(raw or b"null")
@@ -254,18 +216,18 @@ async def set_split(request: Request, lifecycle: LifecycleManager) -> Response:
     ):
         raise InvalidInput('body: expected {"<version>": <integer percent>, ...}')
     state = await _thread(lifecycle.set_weights, _family(request), weights)
-    return _json(state.families[_family(request)].weights)
+    return state.families[_family(request)].weights
 
 
-@guarded("traffic:write")
-async def set_shadows(request: Request, lifecycle: LifecycleManager) -> Response:
+async def set_shadows(request: Request) -> Any:
+    lifecycle = _lifecycle(request)
     req = await _body(request, ShadowRequest)
     state = await _thread(lifecycle.set_shadows, _family(request), req.versions)
-    return _json({"shadows": state.families[_family(request)].shadows})
+    return {"shadows": state.families[_family(request)].shadows}
 
 
-@guarded(None)
-async def version_metrics(request: Request, lifecycle: LifecycleManager) -> Response:
+async def version_metrics(request: Request) -> Any:
+    lifecycle = _lifecycle(request)
     family, version = _family(request), request.path_params["version"]
     pool = lifecycle._pool(family)
     if pool is None:
@@ -273,41 +235,39 @@ async def version_metrics(request: Request, lifecycle: LifecycleManager) -> Resp
     if not model_store.exists(family, version):
         raise ModelNotFound(f"version {version!r} of model {family!r} does not exist")
     snap = vm.snapshot(family, [version]).get(version, vm.empty())
-    return _json(
-        {
-            "model": family,
-            "version": version,
-            "weight": lifecycle.weights(family).get(version, 0),
-            "shadow": version in lifecycle.shadows(family),
-            **vm.summary(snap),
-        }
-    )
+    return {
+        "model": family,
+        "version": version,
+        "weight": lifecycle.weights(family).get(version, 0),
+        "shadow": version in lifecycle.shadows(family),
+        **vm.summary(snap),
+    }
 
 
 # --- deployments, A/B tests -------------------------------------------------------------------
 
 
-@guarded(None)
-async def list_deployments(_: Request, lifecycle: LifecycleManager) -> Response:
-    return _json({"deployments": [d.model_dump() for d in reversed(lifecycle.state.deployments)]})
+async def list_deployments(request: Request) -> Any:
+    lifecycle = _lifecycle(request)
+    return {"deployments": [d.model_dump() for d in reversed(lifecycle.state.deployments)]}
 
 
-@guarded(None)
-async def get_deployment(request: Request, lifecycle: LifecycleManager) -> Response:
+async def get_deployment(request: Request) -> Any:
+    lifecycle = _lifecycle(request)
     wanted = request.path_params["deployment_id"]
     found = next((d for d in lifecycle.state.deployments if d.id == wanted), None)
     if found is None:
         raise ModelNotFound(f"deployment {wanted!r} does not exist")
-    return _json(found.model_dump())
+    return found.model_dump()
 
 
-@guarded(None)
-async def list_events(_: Request, lifecycle: LifecycleManager) -> Response:
-    return _json({"events": [e.model_dump() for e in reversed(lifecycle.state.events)]})
+async def list_events(request: Request) -> Any:
+    lifecycle = _lifecycle(request)
+    return {"events": [e.model_dump() for e in reversed(lifecycle.state.events)]}
 
 
-@guarded("traffic:write")
-async def start_ab(request: Request, lifecycle: LifecycleManager) -> Response:
+async def start_ab(request: Request) -> Any:
+    lifecycle = _lifecycle(request)
     req = await _body(request, ABTestStart)
     test = await _thread(
         lifecycle.start_ab,
@@ -318,37 +278,38 @@ async def start_ab(request: Request, lifecycle: LifecycleManager) -> Response:
         req.duration_hours,
         req.success_metrics,
     )
-    return _json({**test.model_dump(exclude={"baseline"}), "status": test.status}, 201)
+    return JSON({**test.model_dump(exclude={"baseline"}), "status": test.status}, status_code=201)
 
 
-@guarded(None)
-async def list_ab(_: Request, lifecycle: LifecycleManager) -> Response:
+async def list_ab(request: Request) -> Any:
+    lifecycle = _lifecycle(request)
     tests = [
         {**t.model_dump(exclude={"baseline", "final_result"}), "result": lifecycle.ab_result(t)}
         for t in lifecycle.state.ab_tests.values()
     ]
-    return _json({"tests": tests})
+    return {"tests": tests}
 
 
-@guarded("traffic:write")
-async def stop_ab(request: Request, lifecycle: LifecycleManager) -> Response:
+async def stop_ab(request: Request) -> Any:
+    lifecycle = _lifecycle(request)
     test = await _thread(lifecycle.stop_ab, request.path_params["test_id"])
-    return _json(test.model_dump(exclude={"baseline"}))
+    return test.model_dump(exclude={"baseline"})
 
 
+MODELS, TRAFFIC = "models:write", "traffic:write"
 routes = [
-    Route("/models/register", register, methods=["POST"]),
-    Route("/models/{model_id}/activate", activate, methods=["POST"]),
-    Route("/models/{model_id}/deploy", deploy, methods=["POST"]),
-    Route("/reload/{model}", reload_model, methods=["POST"]),
-    Route("/v1/traffic-split", get_split, methods=["GET"]),
-    Route("/v1/traffic-split", set_split, methods=["POST"]),
-    Route("/v1/shadows", set_shadows, methods=["POST"]),
-    Route("/v1/metrics/{version}", version_metrics, methods=["GET"]),
-    Route("/deployments", list_deployments, methods=["GET"]),
-    Route("/deployments/{deployment_id}", get_deployment, methods=["GET"]),
-    Route("/events", list_events, methods=["GET"]),
-    Route("/ab-tests/start", start_ab, methods=["POST"]),
-    Route("/ab-tests", list_ab, methods=["GET"]),
-    Route("/ab-tests/{test_id}/stop", stop_ab, methods=["POST"]),
+    Route("/models/register", endpoint(register, MODELS), methods=["POST"]),
+    Route("/models/{model_id}/activate", endpoint(activate, MODELS), methods=["POST"]),
+    Route("/models/{model_id}/deploy", endpoint(deploy, MODELS), methods=["POST"]),
+    Route("/reload/{model}", endpoint(reload_model, MODELS), methods=["POST"]),
+    Route("/v1/traffic-split", endpoint(get_split), methods=["GET"]),
+    Route("/v1/traffic-split", endpoint(set_split, TRAFFIC), methods=["POST"]),
+    Route("/v1/shadows", endpoint(set_shadows, TRAFFIC), methods=["POST"]),
+    Route("/v1/metrics/{version}", endpoint(version_metrics), methods=["GET"]),
+    Route("/deployments", endpoint(list_deployments), methods=["GET"]),
+    Route("/deployments/{deployment_id}", endpoint(get_deployment), methods=["GET"]),
+    Route("/events", endpoint(list_events), methods=["GET"]),
+    Route("/ab-tests/start", endpoint(start_ab, TRAFFIC), methods=["POST"]),
+    Route("/ab-tests", endpoint(list_ab), methods=["GET"]),
+    Route("/ab-tests/{test_id}/stop", endpoint(stop_ab, TRAFFIC), methods=["POST"]),
 ]

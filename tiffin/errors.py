@@ -41,3 +41,8 @@ class ModelUnavailable(TiffinError):
     """The model cannot answer right now (every eligible version failed)."""
 
     error_code = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class RunnerUnavailable(ModelUnavailable):
+    """A runner service (separate process or remote) did not answer: not the model's fault, so
+    it never counts against a version's error rate."""

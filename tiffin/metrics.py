@@ -6,6 +6,7 @@ module, and a metric created before that would be invisible on the shared `/metr
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -25,6 +26,7 @@ class Metrics:
     active_models: Gauge
     feature_fetch: Histogram
     scores: Histogram
+    stages: Histogram
 
 
 @lru_cache
@@ -70,7 +72,49 @@ def metrics() -> Metrics:
             ["model", "version"],
             buckets=SCORE_BUCKETS,
         ),
+        stages=Histogram(
+            "ml_pipeline_stage_seconds",
+            "Time in each stage of the request pipeline: route, features, predict, respond",
+            ["model", "version", "stage"],
+            buckets=LATENCY_BUCKETS,
+        ),
     )
+
+
+STAGES = ("route", "features", "predict", "respond")
+
+
+@lru_cache(maxsize=4096)
+def _stage_children(model: str, version: str) -> tuple[Histogram, ...]:
+    # `labels()` validates and hashes its arguments on every call; a request records four stages.
+    stages = metrics().stages
+    return tuple(stages.labels(model, version, stage) for stage in STAGES)
+
+
+@dataclass
+class Observation:
+    """Records one scoring call in the seeds' metrics, labelled by the version that answered."""
+
+    model: str
+    version: str
+    started: float
+
+    def done(self, scores: np.ndarray | None = None) -> None:
+        m = metrics()
+        m.requests.labels(self.model, self.version, "success").inc()
+        m.duration.labels(self.model, self.version).observe(time.perf_counter() - self.started)
+        if scores is not None:
+            observe_many(m.scores.labels(self.model, self.version), np.asarray(scores))
+
+    def failed(self, kind: str) -> None:
+        m = metrics()
+        m.requests.labels(self.model, self.version, "error").inc()
+        m.errors.labels(self.model, self.version, kind).inc()
+
+    def stages(self, *seconds: float) -> None:
+        """Seconds spent in each of `STAGES`, in order."""
+        for child, spent in zip(_stage_children(self.model, self.version), seconds, strict=True):
+            child.observe(spent)
 
 
 def observe_many(histogram: Histogram, values: np.ndarray) -> None:

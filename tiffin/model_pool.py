@@ -99,14 +99,13 @@ class ModelPool:
                 f"version {version!r} of model {self.family!r} does not exist"
             ) from exc
 
-    def predict(self, features: np.ndarray, version: str | None = None) -> np.ndarray:
-        model = self.get(version)
+    @staticmethod
+    def check_width(model: LoadedModel, features: np.ndarray) -> None:
         if features.ndim != 2 or features.shape[1] != model.n_features:
             raise InvalidInput(
-                f"model {self.family}:{model.version} expects {model.n_features} features per row, "
-                f"got {features.shape[-1] if features.ndim else 0}"
+                f"model {model.name}:{model.version} expects {model.n_features} features per "
+                f"row, got {features.shape[-1] if features.ndim else 0}"
             )
-        return model.predict(np.ascontiguousarray(features, dtype=np.float32))
 
     def describe(self) -> list[dict[str, object]]:
         rows: list[dict[str, object]] = [

@@ -1,88 +1,104 @@
-"""Operational GET endpoints (`/health`, `/ready`, `/models`, `/models/{name}`, `/v1/models`).
+"""Operational routes: `/health`, `/ready`, `/models`, `/models/{name}`, `/v1/models`, `/metrics`.
 
-BentoML API methods are POST-only, so these live in a small Starlette app mounted on the entry
-service. The entry service binds its live state here when a worker starts.
+Handlers read the worker's objects from the request (`tiffin.context`); nothing is bound here.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from tiffin import model_store
-from tiffin.feature_store import FeatureStore
+from tiffin.composition import Worker
+from tiffin.context import worker_of
+from tiffin.errors import ModelNotFound
+from tiffin.http_errors import JSON, endpoint
 
 
-class JSON(Response):
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-@dataclass
-class OpsState:
-    started_at: float = field(default_factory=time.time)
-    store: FeatureStore | None = None
-    loaded_versions: Callable[[], dict[str, list[dict[str, Any]]]] | None = None
-    components: dict[str, dict[str, Any]] = field(default_factory=dict)
-    lifecycle: Any = None  # tiffin.lifecycle.LifecycleManager, bound by the entry service
-    probes: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = field(default_factory=dict)
-
-
-state = OpsState()
-
-
-def _loaded() -> dict[str, list[dict[str, Any]]]:
-    return state.loaded_versions() if state.loaded_versions else {}
-
-
-async def health(_: Request) -> Response:
-    loaded = _loaded()
-    components: dict[str, dict[str, Any]] = {"models": {"status": "ok" if loaded else "down"}}
-    if state.store is not None:
-        components["feature_store"] = await state.store.status()
-    if state.lifecycle is not None:
+async def _components(worker: Worker, loaded: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    components: dict[str, dict[str, Any]] = {}
+    if worker.families is not None:
+        components["models"] = {"status": "ok" if loaded else "down"}
+    if worker.store is not None:
+        components["feature_store"] = await worker.store.status()
+    if worker.lifecycle is not None:
         components["traffic"] = {
             "status": "ok",
-            "backend": state.lifecycle.backend.kind,
-            "revision": state.lifecycle.applied_revision,
+            "backend": worker.lifecycle.backend.kind,
+            "revision": worker.lifecycle.applied_revision,
         }
-    components.update(state.components)
-    for name, probe in state.probes.items():
-        components[name] = await probe()
+    if worker.llm is not None:
+        components["llm"] = await worker.llm.health()
+    elif worker.forwarded_llm is not None:
+        components["llm"] = await worker.forwarded_llm.health()
+    runners = await worker.runner_status()
+    if any(r["mode"] != "in-process" for r in runners.values()):
+        down = sorted(n for n, r in runners.items() if r["status"] != "ok")
+        components["runners"] = {
+            "status": "down" if down else "ok",
+            **({"down": down} if down else {}),
+            "runners": runners,
+        }
+    return components
+
+
+async def health(request: Request) -> dict[str, Any]:
+    worker = worker_of(request)
+    loaded = await worker.loaded_versions()
+    components = await _components(worker, loaded)
     statuses = {c.get("status") for c in components.values()}
-    overall = "ok" if statuses <= {"ok", "disabled"} else "degraded"
-    return JSON(
-        {
-            "status": overall,
-            "models_loaded": sum(
-                1 for versions in loaded.values() for v in versions if v["state"] == "loaded"
-            ),
-            "uptime_seconds": round(time.time() - state.started_at, 3),
-            "models": sorted(loaded),
-            "components": components,
-        }
-    )
+    return {
+        "status": "ok" if statuses <= {"ok", "disabled"} else "degraded",
+        "models_loaded": sum(
+            1 for versions in loaded.values() for v in versions if v["state"] == "loaded"
+        ),
+        "uptime_seconds": round(time.time() - worker.started_at, 3),
+        "models": sorted(loaded),
+        "components": components,
+    }
 
 
-async def ready(_: Request) -> Response:
-    loaded = _loaded()
-    if not loaded:
-        return JSON({"status": "not_ready", "reason": "models are still loading"}, status_code=503)
-    return JSON({"status": "ready", "models": sorted(loaded)})
+async def not_ready(worker: Worker) -> str | None:
+    """Why this worker must not get traffic yet, or None when it is ready."""
+    if worker.families is None:  # the LLM runner on its own
+        llm = worker.llm
+        if llm is not None and llm.engine is None and not llm.disabled:
+            return llm.unavailable_reason
+        return None
+    if not await worker.loaded_versions():
+        return "models are still loading"
+    runners = await worker.runner_status()
+    down = sorted(name for name, status in runners.items() if status["status"] != "ok")
+    if down:
+        return f"runner {', '.join(down)} is not ready"
+    return None
 
 
-def _catalogue(name: str | None = None) -> dict[str, dict[str, Any]]:
-    loaded = _loaded()
+async def ready(request: Request) -> Response:
+    worker = worker_of(request)
+    reason = await not_ready(worker)
+    if reason is not None:
+        return JSON({"status": "not_ready", "reason": reason}, status_code=503)
+    if worker.families is None:
+        llm = worker.llm
+        return JSON(
+            {
+                "status": "ready",
+                "model": llm.model_id if llm else None,
+                "engine": llm.engine_kind if llm else None,
+            }
+        )
+    return JSON({"status": "ready", "models": sorted(await worker.loaded_versions())})
+
+
+async def catalogue(worker: Worker, name: str | None = None) -> dict[str, dict[str, Any]]:
+    loaded = await worker.loaded_versions()
+    lifecycle = worker.lifecycle
     out: dict[str, dict[str, Any]] = {}
     for model in model_store.tiffin_models():
         if name is not None and model.tag.name != name:
@@ -91,11 +107,11 @@ def _catalogue(name: str | None = None) -> dict[str, dict[str, Any]]:
         states = {v["version"]: v for v in loaded.get(model.tag.name, [])}
         version = model.tag.version or ""
         version_state = dict(states.get(version, {"state": "available"}))
-        if state.lifecycle is not None:
-            weights = state.lifecycle.weights(model.tag.name)
+        if lifecycle is not None:
+            weights = lifecycle.weights(model.tag.name)
             version_state["serving_weight"] = weights.get(version, 0)
-            version_state["shadow"] = version in state.lifecycle.shadows(model.tag.name)
-            failure = state.lifecycle.load_failures.get(f"{model.tag.name}:{version}")
+            version_state["shadow"] = version in lifecycle.shadows(model.tag.name)
+            failure = lifecycle.load_failures.get(f"{model.tag.name}:{version}")
             if failure and version_state["state"] != "loaded":
                 version_state.update(state="failed", reason=failure)
             if version_state["serving_weight"] == max(weights.values(), default=0) > 0:
@@ -106,19 +122,19 @@ def _catalogue(name: str | None = None) -> dict[str, dict[str, Any]]:
     return out
 
 
-async def list_models(_: Request) -> Response:
-    return JSON({"models": list(_catalogue().values())})
+async def list_models(request: Request) -> dict[str, Any]:
+    return {"models": list((await catalogue(worker_of(request))).values())}
 
 
-async def get_model(request: Request) -> Response:
+async def get_model(request: Request) -> dict[str, Any]:
     name = request.path_params["name"]
-    found = _catalogue(name)
+    found = await catalogue(worker_of(request), name)
     if not found:
-        return JSON({"error": f"model {name!r} is not in the model store"}, status_code=404)
-    return JSON(found[name])
+        raise ModelNotFound(f"model {name!r} is not in the model store")
+    return found[name]
 
 
-async def v1_models(_: Request) -> Response:
+async def v1_models(request: Request) -> dict[str, Any]:
     models = [
         {
             "name": entry["name"],
@@ -127,15 +143,14 @@ async def v1_models(_: Request) -> Response:
             "task": entry["versions"][0]["task"],
             "framework": entry["versions"][0]["framework"],
         }
-        for entry in _catalogue().values()
+        for entry in (await catalogue(worker_of(request))).values()
     ]
-    return JSON({"models": models})
+    return {"models": models}
 
 
 async def prometheus(_: Request) -> Response:
-    """Every worker's metrics (BentoML serves this itself only when its HTTP metrics are on)."""
-    import os
-
+    """Every worker's metrics of this server (BentoML serves this itself only when its HTTP
+    metrics are on)."""
     from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
     registry = REGISTRY
@@ -147,13 +162,23 @@ async def prometheus(_: Request) -> Response:
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
-app = Starlette(
-    routes=[
-        Route("/health", health),
-        Route("/ready", ready),
-        Route("/models", list_models),
-        Route("/models/{name}", get_model),
-        Route("/v1/models", v1_models),
-        Route("/metrics", prometheus),
-    ]
-)
+async def _health(request: Request) -> Response:
+    return JSON(await health(request))
+
+
+routes = [
+    Route("/health", _health, methods=["GET"]),
+    Route("/ready", ready, methods=["GET"]),
+    Route("/models", endpoint(list_models), methods=["GET"]),
+    Route("/models/{name}", endpoint(get_model), methods=["GET"]),
+    Route("/v1/models", endpoint(v1_models), methods=["GET"]),
+    Route("/metrics", prometheus, methods=["GET"]),
+]
+"""Routes every tabular worker serves."""
+
+llm_only_routes = [
+    Route("/health", _health, methods=["GET"]),
+    Route("/ready", ready, methods=["GET"]),
+    Route("/metrics", prometheus, methods=["GET"]),
+]
+"""Routes the LLM runner serves on its own."""

@@ -1,16 +1,23 @@
 """The API every tabular runner service shares; a runner file only declares its model.
 
-`@bentoml.service` collects API methods from base classes too, so each runner is a three-line
+`@bentoml.service` collects API methods from base classes, so each runner is a three-line
 subclass with its packaged model at class scope (which is what makes `bentoml build` ship it).
+In the in-process topology the entry service calls `pool(family)` directly; in the separate and
+remote topologies it calls these APIs through BentoML's client (`tiffin.families.RemoteFamily`),
+and `predict` is where BentoML's adaptive batching merges concurrent requests.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any, ClassVar
 
 import bentoml
 import numpy as np
 
+from tiffin import model_store
+from tiffin.errors import ModelNotFound
+from tiffin.families import Job, JobResult, predict_local
 from tiffin.model_pool import ModelPool
 
 
@@ -18,25 +25,84 @@ class TabularRunner:
     model: ClassVar[Any]  # a bentoml.models.BentoModel declared by each runner
 
     def __init__(self) -> None:
-        self.pool = ModelPool.for_declared(self.model.tag)
+        pool = ModelPool.for_declared(self.model.tag)
+        self.pools: dict[str, ModelPool] = {pool.family: pool}
 
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=512, max_latency_ms=200)
-    def predict(self, features: np.ndarray) -> np.ndarray:
-        """Scores from the serving version; adaptive batching applies when run as a process."""
-        return self.pool.predict(features)
+    def pool(self, family: str) -> ModelPool:
+        found = self.pools.get(family)
+        if found is None:
+            raise ModelNotFound(f"model {family!r} is not served by this runner")
+        return found
+
+    # Rows of many concurrent requests arrive as one list of jobs; each (family, version,
+    # explain) group is one model call, and BentoML splits the answers back per caller.
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=256, max_latency_ms=1000)
+    def predict(self, jobs: list[Job]) -> list[JobResult]:
+        groups: dict[tuple[str, str | None, bool], list[int]] = defaultdict(list)
+        for index, job in enumerate(jobs):
+            groups[(job.family, job.version, job.explain)].append(index)
+        results: list[JobResult | None] = [None] * len(jobs)
+        for (family, version, explain), members in groups.items():
+            model = self.pool(family).get(version)
+            sizes = [len(jobs[i].rows) for i in members]
+            rows = np.asarray([row for i in members for row in jobs[i].rows], dtype=np.float32)
+            self.pool(family).check_width(model, rows)
+            scores, contributions = predict_local(model, rows, explain)
+            start = 0
+            for i, size in zip(members, sizes, strict=True):
+                part = slice(start, start + size)
+                start += size
+                results[i] = JobResult(
+                    version=model.version,
+                    scores=scores[part].tolist(),
+                    contributions=None if contributions is None else contributions[part].tolist(),
+                )
+        return [r for r in results if r is not None]
 
     @bentoml.api
-    def predict_version(self, features: np.ndarray, version: str | None = None) -> np.ndarray:
-        return self.pool.predict(features, version)
+    def card(self, family: str, version: str | None = None) -> dict[str, Any]:
+        model = self.pool(family).get(version)
+        return {"version": model.version, "card": model.card.model_dump(mode="json")}
 
     @bentoml.api
-    def contributions(self, features: np.ndarray, version: str | None = None) -> np.ndarray:
-        """Per-prediction feature contributions (raw margin) from the native booster."""
-        model = self.pool.get(version)
-        if model.explainer is None:
-            return np.zeros_like(features, dtype=np.float32)
-        return model.explainer.contributions(features)
+    def default_version(self, family: str) -> str:
+        return self.pool(family).default_version
 
     @bentoml.api
-    def versions(self) -> list[dict[str, Any]]:
-        return self.pool.describe()
+    def load(self, family: str, version: str) -> list[dict[str, Any]]:
+        """Load and warm a version before traffic is routed to it (raises when it cannot)."""
+        pool = self.pool(family)
+        pool.load(version)
+        return pool.describe()
+
+    @bentoml.api
+    def reload(self, family: str) -> list[dict[str, Any]]:
+        pool = self.pool(family)
+        pool.reload_loaded()
+        return pool.describe()
+
+    @bentoml.api
+    def describe(self) -> dict[str, list[dict[str, Any]]]:
+        return {family: pool.describe() for family, pool in self.pools.items()}
+
+
+class MultiFamilyRunner(TabularRunner):
+    """A runner for every family without a dedicated runner: any Tiffin model in the store."""
+
+    def __init__(self) -> None:
+        self.pools = {}
+        for declared in self.declared():
+            self.pool(declared.tag.name, declared.tag.version)
+
+    def declared(self) -> list[Any]:
+        return []
+
+    def pool(self, family: str, default_version: str | None = None) -> ModelPool:
+        found = self.pools.get(family)
+        if found is None:
+            version = default_version or model_store.get(family).tag.version or "latest"
+            found = ModelPool(family, version)
+            found.load(version)
+            # Assignment is atomic: two first uses at once load the default twice at worst.
+            self.pools.setdefault(family, found)
+        return self.pools[family]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
 import time
 import uuid
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tiffin.errors import Conflict, InvalidInput, ModelLoadError, ModelNotFound
+from tiffin.families import Families, Family
 from tiffin.lifecycle import stats as vm
 from tiffin.lifecycle.traffic import (
     ABTest,
@@ -30,11 +30,8 @@ from tiffin.lifecycle.traffic import (
     TrafficSettings,
     TrafficState,
     Transition,
-    pick_version,
-    sticky_bucket,
     validate_weights,
 )
-from tiffin.model_pool import ModelPool
 
 log = logging.getLogger("tiffin.lifecycle")
 DEFAULT_STEPS = {"canary": [10, 25, 50, 100], "rolling": [20, 40, 60, 80, 100]}
@@ -50,7 +47,7 @@ class Route:
 
 @dataclass
 class LifecycleManager:
-    pool_of: Callable[[str], ModelPool]
+    families: Families
     backend: StateBackend
     settings: TrafficSettings
     worker_id: str = field(default_factory=lambda: f"{os.getpid()}-{uuid.uuid4().hex[:6]}")
@@ -117,31 +114,23 @@ class LifecycleManager:
         self.state = state
         self.applied_revision = state.revision
 
-    def _pool(self, family: str) -> ModelPool | None:
-        try:
-            return self.pool_of(family)
-        except ModelNotFound:
-            return None
+    def _pool(self, family: str) -> Family | None:
+        return self.families.find(family)
 
-    def _ensure_loaded(self, pool: ModelPool, version: str) -> bool:
+    def _ensure_loaded(self, pool: Family, version: str) -> bool:
         try:
             pool.load(version)
             return True
         except (ModelLoadError, ModelNotFound) as exc:
-            self.load_failures[f"{pool.family}:{version}"] = str(exc)
+            self.load_failures[f"{pool.name}:{version}"] = str(exc)
             return False
 
     # --- the request path ---------------------------------------------------------------------
 
-    def choose(self, family: str, entity: str | None) -> str | None:
-        """The version serving this entity (sticky while the weights stand); None = default."""
-        route = self.routes.get(family)
-        if route is None:
-            return None
-        if len(route.weights) == 1:
-            return next(iter(route.weights))
-        bucket = sticky_bucket(family, entity) if entity else random.randrange(10_000)
-        return pick_version(route.weights, bucket)
+    def route(self, family: str) -> Route | None:
+        """The family's current route (weights, stable, shadows); `tiffin.lifecycle.router`
+        turns it into a version per request."""
+        return self.routes.get(family)
 
     def stable(self, family: str) -> str | None:
         route = self.routes.get(family)
@@ -160,7 +149,7 @@ class LifecycleManager:
 
     # --- admin operations (called off the event loop) -----------------------------------------
 
-    def _require_versions(self, family: str, versions: list[str]) -> ModelPool:
+    def _require_versions(self, family: str, versions: list[str]) -> Family:
         pool = self._pool(family)
         if pool is None:
             raise ModelNotFound(f"model {family!r} is not in the model store")

@@ -1,15 +1,12 @@
-"""`LLMEndpoints`: the seed-002 API methods, mixed into any `@bentoml.service` class.
-
-`@bentoml.service` collects `@bentoml.api` methods from base classes, so
-`class Tiffin(LLMEndpoints)` (with `self.llm = install_llm()` in `__init__`) serves:
+"""Seed 002's LLM endpoints as plain handlers of the Tiffin application.
 
 - `POST /generate` — text from a prompt (`"stream": true` for server-sent events)
 - `POST /generate/structured` — a JSON value that validates against `json_schema` or the named
   `response_model`, always (constrained decoding in-process, instructor re-asks remotely)
 
-Client errors raise `InvalidInput` (422 naming the field). Server-side LLM errors are returned as
-JSON responses built here, because BentoML would replace a 5xx exception's message with a
-generic sentence and the caller needs to see what is down and the breaker state.
+A handler decodes its body, asks the worker's `LLM`, encodes the answer; errors are raised and
+turned into responses by the one error table (`tiffin.http_errors`): a client mistake is a 4xx
+naming the field, a down or failing backend a 503 carrying the breaker state.
 """
 
 from __future__ import annotations
@@ -17,15 +14,15 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import Any
 
-import bentoml
 from pydantic import BaseModel, Field
-from starlette.responses import StreamingResponse
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
 
-from tiffin.llm import runtime
+from tiffin.context import llm_of
 from tiffin.llm.engine import Delta, Finished, Prompt
-from tiffin.llm.errors import LLMError, to_response
+from tiffin.llm.errors import LLMError
 from tiffin.llm.response_models import RESPONSE_MODELS
 from tiffin.llm.runtime import LLM
 
@@ -109,82 +106,63 @@ def structured_instruction(schema: dict[str, Any], system: str | None) -> str:
     return f"{system}\n\n{text}" if system else text
 
 
-class LLMEndpoints:
-    """Mixin for a `@bentoml.service` class; uses `self.llm` or the worker's installed LLM."""
-
-    def _llm(self) -> LLM:
-        llm = getattr(self, "llm", None)
-        return llm if isinstance(llm, LLM) else runtime.current()
-
-    @bentoml.api(route="/generate", input_spec=GenerateRequest)
-    async def generate(self, **fields: Any) -> GenerateResponse:
-        llm = self._llm()
-        started = time.monotonic()
-        req = GenerateRequest.model_construct(**fields)
-        prompt = llm.prompt_from_text(req.prompt)
-        if req.system is not None:
-            llm.prompt_from_text(req.system, "system")
-            prompt = Prompt(
-                messages=(
-                    {"role": "system", "content": req.system},
-                    {"role": "user", "content": req.prompt},
-                )
-            )
-        params = llm.params(req.max_tokens, req.temperature, req.top_p, req.stop, req.seed)
-        try:
-            if req.stream:
-                await llm.check(prompt, params)
-                return cast(
-                    GenerateResponse,
-                    StreamingResponse(
-                        _sse(llm, llm.stream(prompt, params, checked=True), started),
-                        media_type="text/event-stream",
-                        headers={"Cache-Control": "no-cache"},
-                    ),
-                )
-            text, finished = await llm.generate(prompt, params)
-        except LLMError as exc:
-            return cast(GenerateResponse, to_response(exc))
-        return GenerateResponse(
-            text=text,
-            model=llm.model_id,
-            engine=llm.engine_kind,
-            finish_reason=finished.finish_reason,
-            usage=_usage(finished),
-            latency_ms=round((time.monotonic() - started) * 1000, 3),
-            time_to_first_token_ms=_ms(finished.time_to_first_token_s),
-            tokens_per_second=(
-                round(finished.tokens_per_second, 2) if finished.tokens_per_second else None
-            ),
-        )
-
-    @bentoml.api(route="/generate/structured", input_spec=StructuredRequest)
-    async def generate_structured(self, **fields: Any) -> StructuredResponse:
-        llm = self._llm()
-        started = time.monotonic()
-        req = StructuredRequest.model_construct(**fields)
-        llm.prompt_from_text(req.prompt)
-        target = llm.target(req.json_schema, req.response_model)
+async def generate(request: Request, req: GenerateRequest) -> Response | GenerateResponse:
+    llm = llm_of(request)
+    started = time.monotonic()
+    prompt = llm.prompt_from_text(req.prompt)
+    if req.system is not None:
+        llm.prompt_from_text(req.system, "system")
         prompt = Prompt(
             messages=(
-                {"role": "system", "content": structured_instruction(target.schema, req.system)},
+                {"role": "system", "content": req.system},
                 {"role": "user", "content": req.prompt},
             )
         )
-        params = llm.params(req.max_tokens, req.temperature, 1.0, None, req.seed, structured=True)
-        try:
-            result = await llm.structured(prompt, params, target)
-        except LLMError as exc:
-            return cast(StructuredResponse, to_response(exc))
-        return StructuredResponse(
-            data=result.value,
-            schema_name=target.name,
-            model=llm.model_id,
-            engine=llm.engine_kind,
-            attempts=result.attempts,
-            usage=_usage(result.finished),
-            latency_ms=round((time.monotonic() - started) * 1000, 3),
+    params = llm.params(req.max_tokens, req.temperature, req.top_p, req.stop, req.seed)
+    if req.stream:
+        await llm.check(prompt, params)  # a 4xx or 503 before the stream starts
+        return StreamingResponse(
+            _sse(llm, llm.stream(prompt, params, checked=True), started),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
         )
+    text, finished = await llm.generate(prompt, params)
+    return GenerateResponse(
+        text=text,
+        model=llm.model_id,
+        engine=llm.engine_kind,
+        finish_reason=finished.finish_reason,
+        usage=_usage(finished),
+        latency_ms=round((time.monotonic() - started) * 1000, 3),
+        time_to_first_token_ms=_ms(finished.time_to_first_token_s),
+        tokens_per_second=(
+            round(finished.tokens_per_second, 2) if finished.tokens_per_second else None
+        ),
+    )
+
+
+async def generate_structured(request: Request, req: StructuredRequest) -> StructuredResponse:
+    llm = llm_of(request)
+    started = time.monotonic()
+    llm.prompt_from_text(req.prompt)
+    target = llm.target(req.json_schema, req.response_model)
+    prompt = Prompt(
+        messages=(
+            {"role": "system", "content": structured_instruction(target.schema, req.system)},
+            {"role": "user", "content": req.prompt},
+        )
+    )
+    params = llm.params(req.max_tokens, req.temperature, 1.0, None, req.seed, structured=True)
+    result = await llm.structured(prompt, params, target)
+    return StructuredResponse(
+        data=result.value,
+        schema_name=target.name,
+        model=llm.model_id,
+        engine=llm.engine_kind,
+        attempts=result.attempts,
+        usage=_usage(result.finished),
+        latency_ms=round((time.monotonic() - started) * 1000, 3),
+    )
 
 
 async def _sse(llm: LLM, events: AsyncIterator[Any], started: float) -> AsyncIterator[str]:

@@ -54,6 +54,16 @@ class StructuredOutputFailed(LLMError):
     error_code = HTTPStatus.BAD_GATEWAY
 
 
+class BadRequest(Exception):
+    """A client mistake on the OpenAI-compatible API, with the parameter it concerns."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.status = status
+
+
 def to_response(exc: LLMError) -> Any:
     """A Starlette JSONResponse with the error's status, body and Retry-After."""
     from starlette.responses import JSONResponse

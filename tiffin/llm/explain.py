@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from tiffin.errors import InvalidInput
-from tiffin.llm import runtime
 from tiffin.llm.engine import Prompt, StructuredTarget
 from tiffin.llm.errors import LLMError
 from tiffin.llm.metrics import llm_metrics
@@ -71,7 +70,7 @@ def _fallback(llm: LLM, reason: str) -> None:
 
 async def explain_fraud(
     context: Mapping[str, Any],
-    llm: LLM | None = None,
+    llm: LLM,
     timeout_ms: float | None = None,
 ) -> FraudExplanation | None:
     """A structured explanation of one fraud score, or None (then use the rule-based one).
@@ -79,7 +78,6 @@ async def explain_fraud(
     `context` holds the request and response fields of `/score/fraud` (see CONTEXT_FIELDS);
     unknown keys are ignored and values are truncated before they reach the prompt.
     """
-    llm = llm or runtime.current()
     if llm.engine is None:
         _fallback(llm, "fallback_unavailable")
         return None
@@ -119,7 +117,7 @@ def rule_based_explanation(context: Mapping[str, Any]) -> FraudExplanation:
 
 
 async def explain_fraud_or_rules(
-    context: Mapping[str, Any], llm: LLM | None = None, timeout_ms: float | None = None
+    context: Mapping[str, Any], llm: LLM, timeout_ms: float | None = None
 ) -> tuple[FraudExplanation, Literal["llm", "rules"]]:
     """Always a FraudExplanation: the LLM's when it answers in time, else the rule-based one."""
     written = await explain_fraud(context, llm, timeout_ms)

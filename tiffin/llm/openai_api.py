@@ -26,15 +26,15 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from tiffin.context import llm_of
 from tiffin.errors import InvalidInput
-from tiffin.llm import runtime
+from tiffin.http_errors import openai_body, openai_status, problem_of
 from tiffin.llm.engine import Delta, Finished, GenerationParams, Prompt, StructuredTarget
-from tiffin.llm.errors import LLMError, LLMUnavailable
+from tiffin.llm.errors import BadRequest, LLMError
 from tiffin.llm.runtime import LLM
 
 # `json_object` mode: any flat JSON object (keys bounded by the decoding limits).
@@ -53,14 +53,6 @@ JSON_OBJECT_SCHEMA: dict[str, Any] = {
 CREATED = int(time.time())
 
 
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.status = status
-
-
 def _error(status: int, message: str, kind: str, param: str | None = None, **extra: Any) -> Any:
     body = {"error": {"message": message, "type": kind, "param": param, "code": None, **extra}}
     headers = {}
@@ -71,18 +63,12 @@ def _error(status: int, message: str, kind: str, param: str | None = None, **ext
 
 
 def _from_exception(exc: Exception) -> Response:
-    if isinstance(exc, BadRequest):
-        kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
-        return _error(exc.status, exc.message, kind, exc.param)
-    if isinstance(exc, InvalidInput):
-        message = str(exc)
-        param = message.split(":", 1)[0] if ":" in message else None
-        return _error(400, message, "invalid_request_error", param)
-    if isinstance(exc, LLMUnavailable):
-        return _error(503, exc.message, "service_unavailable", None, **exc.detail)
-    if isinstance(exc, LLMError):
-        return _error(int(exc.error_code), exc.message, "server_error", None, **exc.detail)
-    raise exc
+    problem = problem_of(exc)
+    return JSONResponse(
+        openai_body(problem, exc),
+        status_code=openai_status(problem, exc),
+        headers=dict(problem.headers),
+    )
 
 
 def _authorized(request: Request, llm: LLM) -> bool:
@@ -198,7 +184,7 @@ def _sse(payload: dict[str, Any]) -> str:
 
 
 async def list_models(request: Request) -> Response:
-    llm = runtime.current()
+    llm = llm_of(request)
     if not _authorized(request, llm):
         return _error(401, "missing or wrong API key", "authentication_error")
     return JSONResponse({"object": "list", "data": [_model_card(llm)]})
@@ -209,7 +195,7 @@ def _model_card(llm: LLM) -> dict[str, Any]:
 
 
 async def get_model(request: Request) -> Response:
-    llm = runtime.current()
+    llm = llm_of(request)
     if not _authorized(request, llm):
         return _error(401, "missing or wrong API key", "authentication_error")
     if request.path_params["model"] != llm.model_id:
@@ -224,7 +210,7 @@ async def get_model(request: Request) -> Response:
 
 
 async def chat_completions(request: Request) -> Response:
-    llm = runtime.current()
+    llm = llm_of(request)
     if not _authorized(request, llm):
         return _error(401, "missing or wrong API key", "authentication_error")
     try:
@@ -342,7 +328,7 @@ async def _chat_stream(
 
 
 async def completions(request: Request) -> Response:
-    llm = runtime.current()
+    llm = llm_of(request)
     if not _authorized(request, llm):
         return _error(401, "missing or wrong API key", "authentication_error")
     try:
@@ -438,6 +424,3 @@ routes = [
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),
 ]
-
-app = Starlette(routes=routes)
-"""Mount at `/openai` (`@bentoml.asgi_app(app, path="/openai")`): base URL `/openai/v1`."""

@@ -1,7 +1,6 @@
 """Plain-ASGI routes of the LLM (BentoML API methods are POST-only and hide 5xx messages).
 
-`routes` are meant to be appended to the entry service's operational Starlette app
-(`tiffin.ops.app.routes.extend(routes)`), next to `/health`:
+Mounted by the Tiffin application (`tiffin.app`) on every worker that has an LLM:
 
 - `GET  /circuit-breaker/status` — seed 002: the LLM backend breaker (state, consecutive
   failures, last error, seconds until the next trial call)
@@ -19,15 +18,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tiffin.context import llm_of
 from tiffin.llm import runtime
 
 
-async def breaker_status(_: Request) -> Response:
-    return JSONResponse(runtime.current().breaker_status())
+async def breaker_status(request: Request) -> Response:
+    return JSONResponse(llm_of(request).breaker_status())
 
 
 async def breaker_reset(request: Request) -> Response:
-    llm = runtime.current()
+    llm = llm_of(request)
     key = llm.settings.api_key
     if key is not None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -36,20 +36,14 @@ async def breaker_reset(request: Request) -> Response:
     return JSONResponse(llm.reset_breaker())
 
 
-async def llm_status(_: Request) -> Response:
-    llm = runtime.current()
+async def llm_status(request: Request) -> Response:
+    llm = llm_of(request)
     body: dict[str, Any] = {
         **(await llm.health()),
         "response_models": list(runtime.schema_names()),
         "openai_base_path": "/openai/v1",
     }
     return JSONResponse(body)
-
-
-async def health_component() -> dict[str, Any]:
-    """The LLM's entry for the service's `/health` components: `status` is ok, degraded, down
-    or disabled, with `reason`, engine, model and breaker state."""
-    return await runtime.current().health()
 
 
 routes = [

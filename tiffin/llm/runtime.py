@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -519,32 +518,6 @@ class LLM:
     async def aclose(self) -> None:
         if self.engine is not None:
             await self.engine.aclose()
-
-
-_current: LLM | None = None
-_lock = threading.Lock()
-
-
-def install(llm: LLM) -> LLM:
-    """Make `llm` the one this worker's LLM routes (OpenAI API, breaker routes) use."""
-    global _current
-    with _lock:
-        _current = llm
-    return llm
-
-
-def install_llm(settings: LLMSettings | None = None) -> LLM:
-    """Build the LLM from settings and install it: what a service's `__init__` calls."""
-    return install(LLM.from_settings(settings))
-
-
-def current() -> LLM:
-    """The installed LLM, built from settings on first use when nothing installed one."""
-    global _current
-    with _lock:
-        if _current is None:
-            _current = LLM.from_settings()
-        return _current
 
 
 def schema_names() -> Sequence[str]:

@@ -1,0 +1,660 @@
+"""What each scoring endpoint does, free of HTTP: one fixed, timed pipeline per model family.
+
+`Pipeline.__call__` is the only place the sequence is written: route (choose the version) →
+features (from the request and the feature store, in that version's feature order) → predict
+(and explain) through the router → respond (the seed's body). Each stage's time goes into
+`ml_pipeline_stage_seconds`; the request into the seeds' per-model metrics. A pipeline only
+says what differs: its family, the entity that keeps routing sticky, how features are built, and
+how the answer is encoded. Route before features: the generic and v1 pipelines need the chosen
+version's feature order to build their matrix.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, Literal, TypeVar
+
+import numpy as np
+from pydantic import TypeAdapter, ValidationError
+
+from tiffin import featurize as fz
+from tiffin.errors import InvalidInput, ModelNotFound
+from tiffin.families import ModelRef
+from tiffin.feature_store import EntityColumns, FeatureStore
+from tiffin.lifecycle.router import Answer, Router, score_sample
+from tiffin.llm.response_models import FraudExplanation
+from tiffin.metrics import metrics
+from tiffin.schemas import (
+    AdFraudRequest,
+    AdFraudResponse,
+    BidRequest,
+    BidResponse,
+    CardFraudRequest,
+    CtrRequest,
+    CtrResponse,
+    GenericPredictRequest,
+    GenericPredictResponse,
+    PersonalizationRequest,
+)
+
+RiskLevel = Literal["low", "medium", "high"]
+Action = Literal["approve", "review", "decline"]
+Req = TypeVar("Req")
+Out = TypeVar("Out")
+_EXPLAINED_FIELDS = (
+    "fraud_score",
+    "risk_level",
+    "recommended_action",
+    "top_risk_factors",
+    "explanation",
+)
+FRAUD_FAMILIES = {"fraud_detection", "fraud", "card_fraud"}
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
+@dataclass
+class Features:
+    rows: np.ndarray
+    context: Any = None
+    """Whatever `respond` needs besides the rows (entity lookups, raw request rows)."""
+
+
+class Pipeline(Generic[Req, Out]):
+    """decode (done by the caller's schema) → route → features → predict → respond."""
+
+    family: ClassVar[str]
+    explain: ClassVar[bool] = False
+    route_field: ClassVar[str | None] = None
+    """The request field an unknown model or version is reported against (404 naming it)."""
+
+    def __init__(self, router: Router, store: FeatureStore) -> None:
+        self.router = router
+        self.store = store
+
+    async def __call__(self, request: Req, pinned: str | None = None) -> Out:
+        started = time.perf_counter()
+        try:
+            choice = await self.router.choose(
+                self.family_of(request), self.entity(request), pinned or self.pinned(request)
+            )
+        except ModelNotFound as exc:
+            if self.route_field is None:
+                raise
+            raise ModelNotFound(f"{self.route_field}: {exc}") from exc
+        routed = time.perf_counter()
+        features = await self.features(request, choice.ref)
+        featured = time.perf_counter()
+        answer = await self.router.predict(choice, features.rows, started, self.explain)
+        predicted = time.perf_counter()
+        out = self.respond(request, features, answer, started)
+        responded = time.perf_counter()
+        answer.observation.done(self.recorded(answer))
+        answer.observation.stages(
+            routed - started, featured - routed, predicted - featured, responded - predicted
+        )
+        return out
+
+    def family_of(self, request: Req) -> str:
+        return self.family
+
+    def entity(self, request: Req) -> str | None:
+        """Requests for the same entity go to the same version while the weights stand."""
+        return None
+
+    def pinned(self, request: Req) -> str | None:
+        return None
+
+    async def features(self, request: Req, ref: ModelRef) -> Features:
+        raise NotImplementedError
+
+    def respond(self, request: Req, features: Features, answer: Answer, started: float) -> Out:
+        raise NotImplementedError
+
+    def recorded(self, answer: Answer) -> np.ndarray | None:
+        """The scores `prediction_scores` records (None: this task has no score to record)."""
+        return answer.scores
+
+    async def fetch(
+        self, ref: ModelRef, wanted: Mapping[str, Sequence[str | None]]
+    ) -> dict[str, EntityColumns]:
+        started = time.perf_counter()
+        columns = await self.store.fetch_columns(wanted)
+        metrics().feature_fetch.labels(ref.name, ref.version, self.store.backend).observe(
+            time.perf_counter() - started
+        )
+        return columns
+
+
+# --- seed 000 ---------------------------------------------------------------------------------
+
+
+def risk_band(score: float) -> tuple[RiskLevel, Action]:
+    """(risk_level, recommended_action) for a fraud probability."""
+    if score < 0.3:
+        return "low", "approve"
+    if score < 0.7:
+        return "medium", "review"
+    return "high", "decline"
+
+
+class AdFraudPipeline(Pipeline[AdFraudRequest, AdFraudResponse]):
+    family = "fraud_detection"
+
+    def entity(self, request: AdFraudRequest) -> str | None:
+        return request.user_id
+
+    async def features(self, request: AdFraudRequest, ref: ModelRef) -> Features:
+        return Features(fz.to_matrix([fz.ad_fraud_row(request.__dict__)]))
+
+    def respond(
+        self, request: AdFraudRequest, features: Features, answer: Answer, started: float
+    ) -> AdFraudResponse:
+        score = float(answer.scores[0])
+        return AdFraudResponse(
+            user_id=request.user_id,
+            fraud_probability=round(score, 6),
+            is_fraud=score >= 0.5,
+            risk_level=risk_band(score)[0],
+            model_version=answer.ref.version,
+            latency_ms=_ms_since(started),
+        )
+
+
+class CtrPipeline(Pipeline[CtrRequest, CtrResponse]):
+    family = "ctr_prediction"
+
+    def entity(self, request: CtrRequest) -> str | None:
+        return request.placement_id
+
+    async def features(self, request: CtrRequest, ref: ModelRef) -> Features:
+        return Features(fz.to_matrix([fz.ctr_row(request.__dict__)]))
+
+    def respond(
+        self, request: CtrRequest, features: Features, answer: Answer, started: float
+    ) -> CtrResponse:
+        return CtrResponse(
+            placement_id=request.placement_id,
+            predicted_ctr=round(float(answer.scores[0]), 6),
+            model_version=answer.ref.version,
+            latency_ms=_ms_since(started),
+        )
+
+
+class BidPipeline(Pipeline[BidRequest, BidResponse]):
+    family = "bid_optimization"
+
+    def entity(self, request: BidRequest) -> str | None:
+        return request.placement_id
+
+    async def features(self, request: BidRequest, ref: ModelRef) -> Features:
+        return Features(fz.to_matrix([fz.bid_row(request.__dict__)]))
+
+    def respond(
+        self, request: BidRequest, features: Features, answer: Answer, started: float
+    ) -> BidResponse:
+        optimal = float(answer.scores[0])
+        bid = max(optimal, request.floor_cpm)
+        affordable = request.budget_remaining >= bid / 1000  # one impression at this CPM
+        if not affordable:
+            reason = "budget_remaining cannot pay for one impression at the floor"
+        elif optimal < request.floor_cpm:
+            reason = "model value is below the floor; bidding the floor"
+        else:
+            reason = "model value clears the floor"
+        return BidResponse(
+            placement_id=request.placement_id,
+            recommended_bid_cpm=round(bid, 4),
+            floor_cpm=request.floor_cpm,
+            should_bid=affordable,
+            reason=reason,
+            model_version=answer.ref.version,
+            latency_ms=_ms_since(started),
+        )
+
+    def recorded(self, answer: Answer) -> np.ndarray | None:
+        return None  # a bid in CPM is not a score
+
+
+# --- seed 001 ---------------------------------------------------------------------------------
+
+
+class FactorRanking:
+    """Named groups of features ranked, per prediction, by their summed contribution.
+
+    A group is reported when its sum exceeds `floor`; the sums for a whole batch are one matrix
+    product with the group membership matrix.
+    """
+
+    def __init__(
+        self,
+        groups: Mapping[str, Sequence[str]],
+        feature_names: Sequence[str],
+        limit: int = 3,
+        floor: float = 0.05,
+    ) -> None:
+        index = {name: i for i, name in enumerate(feature_names)}
+        self.names = list(groups)
+        self.membership = np.zeros((len(feature_names), len(groups)))
+        for j, members in enumerate(groups.values()):
+            for feature in members:
+                if feature in index:
+                    self.membership[index[feature], j] = 1.0
+        self.limit = limit
+        self.floor = floor
+
+    def top(self, contributions: np.ndarray) -> list[list[str]]:
+        totals = np.asarray(contributions, dtype=np.float64) @ self.membership
+        order = np.argsort(-totals, axis=1, kind="stable")[:, : self.limit].tolist()
+        names, floor = self.names, self.floor
+        return [
+            [names[j] for j in ranked if sums[j] > floor]
+            for ranked, sums in zip(order, totals.tolist(), strict=True)
+        ]
+
+
+CARD_FACTORS = FactorRanking(fz.CARD_RISK_FACTORS, fz.CARD_FRAUD_FEATURES)
+
+
+def explain_fraud(level: str, factors: Sequence[str]) -> str:
+    return _explanation(level, tuple(factors))
+
+
+@functools.lru_cache(maxsize=1024)  # few (level, factors) combinations exist; batches repeat them
+def _explanation(level: str, factors: tuple[str, ...]) -> str:
+    readable = ", ".join(f.replace("_", " ") for f in factors)
+    if level == "low":
+        return "Transaction appears legitimate with low risk indicators"
+    if level == "medium":
+        return f"Elevated risk; review suggested ({readable or 'mixed signals'})"
+    return f"High fraud risk driven by {readable or 'the overall pattern'}"
+
+
+def user_segment(user: Sequence[float]) -> str:
+    sessions, _, purchases, order_value, days_away, engagement = user[:6]
+    value = (
+        "high_value"
+        if purchases >= 2 and order_value >= 60
+        else "new"
+        if sessions <= 1
+        else "regular"
+    )
+    activity = "engaged" if engagement >= 0.5 else "dormant" if days_away > 14 else "casual"
+    return f"{value}_{activity}"
+
+
+def behavioral_signals(
+    user: Sequence[float], session: Sequence[float] | None, affinity: float
+) -> list[str]:
+    """`session` None: the request named no session, or it was not found."""
+    signals = []
+    if session is not None:
+        pages, duration, cart_adds = session
+        if duration >= 300 or pages >= 8:
+            signals.append("high_engagement_session")
+        if pages >= 3:
+            signals.append("multi_page_session")
+        if cart_adds > 0:
+            signals.append("cart_activity")
+    if affinity >= 0.3:
+        signals.append("category_affinity")
+    if float(user[2]) >= 3:
+        signals.append("frequent_buyer")
+    if float(user[4]) > 14:
+        signals.append("lapsing_user")
+    return signals
+
+
+class EntityReport:
+    """Per row, what seed 001 reports about the features behind it: `feature_freshness_sec`
+    (age of the oldest record used) and `features` (source, entities on defaults, degraded)."""
+
+    def __init__(self, backend: str, columns: Sequence[EntityColumns], now: float) -> None:
+        oldest = np.fmin.reduce([c.written_at for c in columns])  # NaN only when none was found
+        self.freshness = [
+            None if written != written else round(max(now - written, 0.0))
+            for written in oldest.tolist()
+        ]
+        self.columns = columns
+        self.missing = ~np.logical_and.reduce([c.found for c in columns])
+        degraded = any(c.degraded for c in columns)
+        self._clean = {"source": backend, "defaults_used": [], "degraded": degraded}
+
+    def status(self, row: int) -> dict[str, Any]:
+        if not self.missing[row]:
+            return self._clean
+        used = [d for c in self.columns if (d := c.defaults_used(row)) is not None]
+        return {**self._clean, "defaults_used": used}
+
+
+Rows = list[dict[str, Any]]
+"""A batch's answers as plain dicts, encoded once by the caller."""
+
+
+class CardFraudPipeline(Pipeline[Sequence[CardFraudRequest], Rows]):
+    family = "card_fraud"
+    explain = True
+
+    def entity(self, request: Sequence[CardFraudRequest]) -> str | None:
+        return request[0].card_id
+
+    async def features(self, request: Sequence[CardFraudRequest], ref: ModelRef) -> Features:
+        entities = await self.fetch(
+            ref,
+            {"card": [r.card_id for r in request], "merchant": [r.merchant_id for r in request]},
+        )
+        cards, merchants = entities["card"], entities["merchant"]
+        rows = fz.card_fraud_matrix(
+            [r.transaction_amount for r in request],
+            [r.mcc_code for r in request],
+            [r.country_code for r in request],
+            cards.values,
+            merchants.values,
+        )
+        return Features(rows, (cards, merchants))
+
+    def respond(
+        self,
+        request: Sequence[CardFraudRequest],
+        features: Features,
+        answer: Answer,
+        started: float,
+    ) -> Rows:
+        assert answer.contributions is not None  # asked for, so always an array
+        factors = CARD_FACTORS.top(answer.contributions)
+        report = EntityReport(self.store.backend, features.context, time.time())
+        rounded = np.round(answer.scores.astype(np.float64), 6).tolist()
+        latency = _ms_since(started)
+        version = answer.ref.version
+        results = []
+        for i, r in enumerate(request):
+            score = rounded[i]
+            level, action = risk_band(score)
+            results.append(
+                {
+                    "fraud_score": score,
+                    "risk_level": level,
+                    "confidence": round(max(score, 1 - score), 6),
+                    "recommended_action": action,
+                    "explanation": explain_fraud(level, factors[i]),
+                    "top_risk_factors": factors[i],
+                    "features_used": len(fz.CARD_FRAUD_FEATURES),
+                    "latency_ms": latency,
+                    "model_version": version,
+                    "feature_freshness_sec": report.freshness[i],
+                    "card_id": r.card_id,
+                    "features": report.status(i),
+                }
+            )
+        return results
+
+
+class PersonalizationPipeline(Pipeline[Sequence[PersonalizationRequest], Rows]):
+    family = "personalization"
+
+    def entity(self, request: Sequence[PersonalizationRequest]) -> str | None:
+        return request[0].user_id
+
+    async def features(self, request: Sequence[PersonalizationRequest], ref: ModelRef) -> Features:
+        entities = await self.fetch(
+            ref,
+            {
+                "user": [r.user_id for r in request],
+                "item": [r.item_id for r in request],
+                "session": [r.session_id for r in request],
+            },
+        )
+        users, items, sessions = entities["user"], entities["item"], entities["session"]
+        rows = [
+            fz.personalization_row(r.__dict__, users.values[i], items.values[i], sessions.values[i])
+            for i, r in enumerate(request)
+        ]
+        return Features(fz.to_matrix(rows), (users, items, sessions, rows))
+
+    def respond(
+        self,
+        request: Sequence[PersonalizationRequest],
+        features: Features,
+        answer: Answer,
+        started: float,
+    ) -> Rows:
+        users, items, sessions, rows = features.context
+        outputs = np.round(np.clip(answer.scores, 0.0, 1.0).astype(np.float64), 6).tolist()
+        report = EntityReport(self.store.backend, (users, items, sessions), time.time())
+        user_values, session_values = users.values.tolist(), sessions.values.tolist()
+        latency = _ms_since(started)
+        results = []
+        for i, r in enumerate(request):
+            relevance, conversion, engagement = outputs[i]
+            session = session_values[i] if sessions.found[i] else None
+            results.append(
+                {
+                    "relevance_score": relevance,
+                    "conversion_probability": conversion,
+                    "engagement_score": engagement,
+                    "user_segment": user_segment(user_values[i]),
+                    "behavioral_signals": behavioral_signals(user_values[i], session, rows[i][6]),
+                    "features_used": len(fz.PERSONALIZATION_FEATURES),
+                    "latency_ms": latency,
+                    "model_version": answer.ref.version,
+                    "user_id": r.user_id,
+                    "item_id": r.item_id,
+                    "feature_freshness_sec": report.freshness[i],
+                    "features": report.status(i),
+                }
+            )
+        return results
+
+    def recorded(self, answer: Answer) -> np.ndarray | None:
+        return np.clip(answer.scores, 0.0, 1.0)[:, 0]  # relevance
+
+
+# --- seed 003 ---------------------------------------------------------------------------------
+
+
+class GenericPipeline(Pipeline[GenericPredictRequest, GenericPredictResponse]):
+    family = ""  # per request: `model_name`
+    route_field = "model_name"
+
+    def family_of(self, request: GenericPredictRequest) -> str:
+        return request.model_name
+
+    def entity(self, request: GenericPredictRequest) -> str | None:
+        return request.correlation_id
+
+    def pinned(self, request: GenericPredictRequest) -> str | None:
+        return request.version
+
+    async def features(self, request: GenericPredictRequest, ref: ModelRef) -> Features:
+        return Features(columns_to_matrix(request.features, ref.card.feature_names))
+
+    def respond(
+        self,
+        request: GenericPredictRequest,
+        features: Features,
+        answer: Answer,
+        started: float,
+    ) -> GenericPredictResponse:
+        return GenericPredictResponse(
+            **encode_outputs(answer.scores, answer.ref.card.task),
+            correlation_id=request.correlation_id or str(uuid.uuid4()),
+            model_name=answer.ref.name,
+            model_version=answer.ref.version,
+            latency_ms=_ms_since(started),
+        )
+
+    def recorded(self, answer: Answer) -> np.ndarray | None:
+        return answer.scores if answer.ref.card.task == "binary" else None
+
+
+def columns_to_matrix(
+    columns: Mapping[str, Sequence[float]], feature_names: Sequence[str]
+) -> np.ndarray:
+    """Seed 003's column-oriented `features` as a row matrix in the model's feature order."""
+    missing = [f for f in feature_names if f not in columns]
+    unknown = [f for f in columns if f not in feature_names]
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing)}")
+        if unknown:
+            parts.append(f"unknown {', '.join(unknown)}")
+        raise InvalidInput(
+            f"features: {'; '.join(parts)} (model expects {', '.join(feature_names)})"
+        )
+    lengths = {len(columns[f]) for f in feature_names}
+    if len(lengths) != 1 or 0 in lengths:
+        raise InvalidInput("features: every feature needs the same, non-zero number of values")
+    return np.asarray([columns[f] for f in feature_names], dtype=np.float32).T.copy()
+
+
+def encode_outputs(outputs: np.ndarray, task: str) -> dict[str, Any]:
+    """Seed 003's `prediction` / `confidence` / `probabilities` for any task."""
+    outputs = outputs.astype(np.float64)  # round in float64, or float32 noise shows in the JSON
+    if task in ("binary", "multiclass"):
+        probs = outputs if outputs.ndim == 2 else np.column_stack([1 - outputs, outputs])
+        return {
+            "prediction": probs.argmax(axis=1).astype(int).tolist(),
+            "confidence": np.round(probs.max(axis=1), 6).tolist(),
+            "probabilities": {
+                f"class_{k}": np.round(probs[:, k], 6).tolist() for k in range(probs.shape[1])
+            },
+        }
+    first = outputs if outputs.ndim == 1 else outputs[:, 0]
+    return {"prediction": np.round(first, 6).tolist(), "confidence": [], "probabilities": {}}
+
+
+# --- seed 004 ---------------------------------------------------------------------------------
+
+
+@dataclass
+class V1Request:
+    instances: list[list[float]]
+    version: str | None = None
+
+
+class V1Pipeline(Pipeline[V1Request, dict[str, Any]]):
+    route_field = "version"
+
+    def __init__(self, router: Router, store: FeatureStore, model: str) -> None:
+        super().__init__(router, store)
+        self.model = model
+
+    def family_of(self, request: V1Request) -> str:
+        return self.model
+
+    def pinned(self, request: V1Request) -> str | None:
+        return request.version
+
+    async def features(self, request: V1Request, ref: ModelRef) -> Features:
+        widths = {len(row) for row in request.instances}
+        if widths != {ref.n_features}:
+            raise InvalidInput(
+                f"instances: every instance needs {ref.n_features} values "
+                f"({', '.join(ref.card.feature_names)}); got lengths {sorted(widths)}"
+            )
+        return Features(fz.to_matrix(request.instances))
+
+    def respond(
+        self, request: V1Request, features: Features, answer: Answer, started: float
+    ) -> dict[str, Any]:
+        ref = answer.ref
+        outputs = answer.scores.astype(np.float64)
+        body: dict[str, Any] = {"model_name": ref.name, "model_version": ref.version}
+        if ref.card.task in ("binary", "multiclass"):
+            probs = outputs if outputs.ndim == 2 else np.column_stack([1 - outputs, outputs])
+            labels = ref.card.output_names or [f"class_{k}" for k in range(probs.shape[1])]
+            body["predictions"] = [labels[k] for k in probs.argmax(axis=1)]
+            body["probabilities"] = np.round(probs, 6).tolist()
+        else:
+            body["predictions"] = np.round(outputs, 6).tolist()
+        body["latency_ms"] = _ms_since(started)
+        return body
+
+    def recorded(self, answer: Answer) -> np.ndarray | None:
+        return score_sample(answer.scores, answer.ref)
+
+
+# --- the endpoints ----------------------------------------------------------------------------
+
+
+_CARD_ITEMS = TypeAdapter(list[CardFraudRequest])
+_PERSONALIZATION_ITEMS = TypeAdapter(list[PersonalizationRequest])
+
+
+def _parse_items(adapter: TypeAdapter[list[Any]], items: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """Every item validated in one pass; the first problem is named as `requests[i].field`."""
+    try:
+        return adapter.validate_python(items)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        index, *field = first["loc"]
+        where = ".".join(str(p) for p in field)
+        raise InvalidInput(
+            f"requests[{index}]{'.' + where if where else ''}: {first['msg']}"
+        ) from None
+
+
+Explainer = Callable[[Mapping[str, Any]], Awaitable[tuple[FraudExplanation, str]]]
+"""Writes `/score/fraud`'s `llm_explanation`: the LLM's in time, else the rule-based one."""
+
+
+class Scoring:
+    """The scoring endpoints over the worker's pipelines: what a route handler calls."""
+
+    def __init__(
+        self, router: Router, store: FeatureStore, v1_model: str, explainer: Explainer
+    ) -> None:
+        self.ad_fraud = AdFraudPipeline(router, store)
+        self.ctr = CtrPipeline(router, store)
+        self.bid = BidPipeline(router, store)
+        self.card_fraud = CardFraudPipeline(router, store)
+        self.personalization = PersonalizationPipeline(router, store)
+        self.generic = GenericPipeline(router, store)
+        self.v1 = V1Pipeline(router, store, v1_model)
+        self.explainer = explainer
+
+    async def score_fraud(self, request: CardFraudRequest) -> dict[str, Any]:
+        response = (await self.card_fraud([request]))[0]
+        response["llm_explanation"] = response["llm_explanation_source"] = None
+        if request.llm_explanation:
+            context = {
+                **request.model_dump(exclude={"llm_explanation"}),
+                **{field: response[field] for field in _EXPLAINED_FIELDS},
+            }
+            written, source = await self.explainer(context)
+            response["llm_explanation"] = written.model_dump(mode="json")
+            response["llm_explanation_source"] = source
+        return response
+
+    async def score_personalization(self, request: PersonalizationRequest) -> dict[str, Any]:
+        return (await self.personalization([request]))[0]
+
+    async def batch(
+        self, model_type: str, requests: Sequence[Mapping[str, Any]], batch_id: str | None
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
+        results: Rows
+        if model_type in FRAUD_FAMILIES:
+            results = await self.card_fraud(_parse_items(_CARD_ITEMS, requests))
+        else:
+            results = await self.personalization(_parse_items(_PERSONALIZATION_ITEMS, requests))
+        return {
+            "batch_id": batch_id,
+            "model_type": model_type,
+            "count": len(results),
+            "results": results,
+            "model_version": results[0]["model_version"],
+            "latency_ms": _ms_since(started),
+        }
+
+    async def predict_batch(
+        self, requests: Sequence[GenericPredictRequest]
+    ) -> list[GenericPredictResponse]:
+        return [await self.generic(r) for r in requests]
