@@ -46,7 +46,7 @@ from bench.workloads import WORKLOADS, Workload, bodies
 MAX_ERROR_RATE = 0.001
 MIN_ACHIEVED = 0.95
 MAX_RATE = 20_000.0  # the generator's own ceiling on this box (python -m bench.loadgen --selftest)
-SYSTEM_ORDER = ("tiffin", "seed", "reference", "mlserver")
+SYSTEM_ORDER = ("tiffin", "tiffin_separate", "seed", "reference", "mlserver")
 # A break is confirmed by running the same step once more: on a shared 2-core box one stall of
 # another process (or of the system itself) can push a short step's p99 over the line. The
 # knee is the highest rate that held in one of its two tries (`tries` in the JSON).
@@ -484,7 +484,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _terminate)
     parser = argparse.ArgumentParser(description="Open-loop benchmark of Tiffin and its peers")
-    parser.add_argument("--systems", default=",".join(SYSTEM_ORDER))
+    parser.add_argument(
+        "--systems",
+        default="tiffin,seed,reference,mlserver",
+        help=f"any of {','.join(SYSTEM_ORDER)} (tiffin_separate: runners in their own processes)",
+    )
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per load step")
     parser.add_argument("--refine", type=int, default=2, help="bisection steps after the break")
@@ -541,6 +545,14 @@ def main(argv: list[str] | None = None) -> int:
                     if name == "tiffin":
                         system = sysmod.tiffin(
                             redis.url, args.workers, args.rss_exclude, llm=args.llm
+                        )
+                    elif name == "tiffin_separate":
+                        system = sysmod.tiffin(
+                            redis.url,
+                            args.workers,
+                            args.rss_exclude,
+                            llm=args.llm,
+                            topology="separate",
                         )
                     elif name == "reference":
                         system = sysmod.reference(redis.url, args.reference_contribs)

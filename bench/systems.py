@@ -227,9 +227,16 @@ def _base_env(redis_url: str) -> dict[str, str]:
     return env
 
 
-def tiffin(redis_url: str, workers: int = 2, rss_exclude: str = "llm", llm: bool = False) -> System:
+def tiffin(
+    redis_url: str,
+    workers: int = 2,
+    rss_exclude: str = "llm",
+    llm: bool = False,
+    topology: str = "in-process",
+) -> System:
     """`llm` False: the tabular bundle the targets speak of ("LLM runner excluded"); the LLM runs
-    inside the entry workers, so excluding it means not loading it (`TIFFIN_LLM_ENABLED=false`)."""
+    inside the entry workers, so excluding it means not loading it (`TIFFIN_LLM_ENABLED=false`).
+    `topology`: where the runners run (`TIFFIN_TOPOLOGY`; tiffin/topology.py)."""
     from bench.workloads import predict_fraud_body, score_fraud_body, v1_body
 
     port = free_port()
@@ -237,6 +244,7 @@ def tiffin(redis_url: str, workers: int = 2, rss_exclude: str = "llm", llm: bool
         **_base_env(redis_url),
         "TIFFIN_WORKERS": str(workers),
         "TIFFIN_LLM_ENABLED": str(llm).lower(),
+        "TIFFIN_TOPOLOGY": topology,
     }
     import random
 
@@ -262,8 +270,9 @@ def tiffin(redis_url: str, workers: int = 2, rss_exclude: str = "llm", llm: bool
         ),
     ]
     return System(
-        "tiffin",
-        f"Tiffin (bentoml serve, {workers} workers, LLM {'loaded' if llm else 'disabled'})",
+        "tiffin" if topology == "in-process" else f"tiffin_{topology}",
+        f"Tiffin (bentoml serve, {workers} workers, runners {topology}, "
+        f"LLM {'loaded' if llm else 'disabled'})",
         [
             sys.executable,
             "-m",

@@ -30,6 +30,10 @@ class Workload:
     # system -> (path, body generator)
     routes: dict[str, tuple[str, Callable[[random.Random], bytes]]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if "tiffin" in self.routes:  # every runner topology serves the same routes
+            self.routes.setdefault("tiffin_separate", self.routes["tiffin"])
+
 
 def _card_request(rng: random.Random) -> dict[str, object]:
     return {

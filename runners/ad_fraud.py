@@ -5,9 +5,9 @@ from __future__ import annotations
 import bentoml
 from bentoml.models import BentoModel
 
-from tiffin.runner_base import TabularRunner
+from tiffin.runner_base import TabularRunner, runner_service_config
 
 
-@bentoml.service(name="fraud_detection_runner", workers=1)
+@bentoml.service(name="fraud_detection_runner", **runner_service_config())
 class AdFraudRunner(TabularRunner):
     model = BentoModel("fraud_detection:1.0.0")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import bentoml
 from bentoml.models import BentoModel
 
-from tiffin.runner_base import TabularRunner
+from tiffin.runner_base import TabularRunner, runner_service_config
 
 
-@bentoml.service(name="bid_optimization_runner", workers=1)
+@bentoml.service(name="bid_optimization_runner", **runner_service_config())
 class BidRunner(TabularRunner):
     model = BentoModel("bid_optimization:1.0.0")

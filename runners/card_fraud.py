@@ -5,9 +5,9 @@ from __future__ import annotations
 import bentoml
 from bentoml.models import BentoModel
 
-from tiffin.runner_base import TabularRunner
+from tiffin.runner_base import TabularRunner, runner_service_config
 
 
-@bentoml.service(name="card_fraud_runner", workers=1)
+@bentoml.service(name="card_fraud_runner", **runner_service_config())
 class CardFraudRunner(TabularRunner):
     model = BentoModel("card_fraud:v1.0")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import bentoml
 from bentoml.models import BentoModel
 
-from tiffin.runner_base import TabularRunner
+from tiffin.runner_base import TabularRunner, runner_service_config
 
 
-@bentoml.service(name="ctr_prediction_runner", workers=1)
+@bentoml.service(name="ctr_prediction_runner", **runner_service_config())
 class CtrRunner(TabularRunner):
     model = BentoModel("ctr_prediction:1.0.0")

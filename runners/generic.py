@@ -12,10 +12,10 @@ from typing import Any
 import bentoml
 from bentoml.models import BentoModel
 
-from tiffin.runner_base import MultiFamilyRunner
+from tiffin.runner_base import MultiFamilyRunner, runner_service_config
 
 
-@bentoml.service(name="generic_runner", workers=1)
+@bentoml.service(name="generic_runner", **runner_service_config())
 class GenericRunner(MultiFamilyRunner):
     your_model = BentoModel("your_model:1.0.0")
     species_v1 = BentoModel("species_classifier:v1")

@@ -3,6 +3,7 @@ instances, and a real `bentoml serve` process. Nothing here is mocked."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -115,7 +116,7 @@ class Served:
         self.log = log
 
 
-def serve(env_overrides: dict[str, str], log_name: str) -> Served:
+def serve(env_overrides: dict[str, str], log_name: str, target: str = "service:Tiffin") -> Served:
     port = free_port()
     log = Path(BENTOML_HOME, log_name)
     env = {**os.environ, "BENTOML_HOME": BENTOML_HOME, "TIFFIN_WORKERS": "2", **env_overrides}
@@ -125,7 +126,7 @@ def serve(env_overrides: dict[str, str], log_name: str) -> Served:
             "-m",
             "bentoml",
             "serve",
-            "service:Tiffin",
+            target,
             "--host",
             "127.0.0.1",
             "--port",
@@ -145,11 +146,11 @@ def serve(env_overrides: dict[str, str], log_name: str) -> Served:
         if proc.poll() is not None:
             raise RuntimeError(f"bentoml serve exited:\n{log.read_text()[-3000:]}")
         try:
-            return httpx.get(f"{url}/ready", timeout=1).status_code == 200
+            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 
-    wait_for(ready, 120, "bentoml serve")
+    wait_for(ready, 180, f"bentoml serve {target}")
     return Served(url, proc, log)
 
 
@@ -166,10 +167,8 @@ def stop(served: Served) -> None:
         os.killpg(served.proc.pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
-def seeded_redis(model_store: str) -> Iterator[RedisServer]:
-    """A Redis holding the generated feature snapshot, written by the project's seeding command."""
-    server = RedisServer().start()
+def seeded(server: RedisServer) -> RedisServer:
+    """The generated feature snapshot written to `server` by the project's seeding command."""
     subprocess.run(
         [
             sys.executable,
@@ -184,6 +183,13 @@ def seeded_redis(model_store: str) -> Iterator[RedisServer]:
         check=True,
         capture_output=True,
     )
+    return server
+
+
+@pytest.fixture(scope="module")
+def seeded_redis(model_store: str) -> Iterator[RedisServer]:
+    """A Redis holding the generated feature snapshot."""
+    server = seeded(RedisServer().start())
     yield server
     server.stop()
 
@@ -194,3 +200,48 @@ def tiffin(model_store: str, seeded_redis: RedisServer) -> Iterator[Served]:
     served = serve({"REDIS_URL": seeded_redis.url}, "serve-redis.log")
     yield served
     stop(served)
+
+
+RUNNER_TARGETS = {
+    "card_fraud": "runners.card_fraud:CardFraudRunner",
+    "personalization": "runners.personalization:PersonalizationRunner",
+    "fraud_detection": "runners.ad_fraud:AdFraudRunner",
+    "ctr_prediction": "runners.ctr:CtrRunner",
+    "bid_optimization": "runners.bid:BidRunner",
+    "generic": "runners.generic:GenericRunner",
+    "llm": "runners.llm:LLMRunner",
+}
+
+
+class Stack:
+    """A Tiffin entry service in one runner topology, with the runners it needs."""
+
+    def __init__(self, topology: str, redis: RedisServer) -> None:
+        self.topology = topology
+        self.redis = redis
+        self.runners: dict[str, Served] = {}
+        env = {"REDIS_URL": redis.url, "TIFFIN_TOPOLOGY": topology}
+        if topology == "remote":
+            for name, target in RUNNER_TARGETS.items():
+                self.runners[name] = serve({}, f"runner-{name}.log", target)
+            urls = {name: served.url for name, served in self.runners.items()}
+            env["TIFFIN_RUNNER_URLS"] = json.dumps(urls)
+        self.entry = serve(env, f"serve-{topology}.log")
+
+    def stop(self) -> None:
+        for served in (self.entry, *self.runners.values()):
+            stop(served)
+
+
+TOPOLOGIES = ("in-process", "separate", "remote")
+
+
+@pytest.fixture(scope="module", params=TOPOLOGIES)
+def stack(request: pytest.FixtureRequest, model_store: str) -> Iterator[Stack]:
+    """The end-to-end contract's subject, once per runner topology, each with its own seeded
+    Redis (some tests stop it)."""
+    redis = seeded(RedisServer().start())
+    built = Stack(request.param, redis)
+    yield built
+    built.stop()
+    redis.stop()

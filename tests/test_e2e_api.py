@@ -1,16 +1,24 @@
-"""End to end: a real `bentoml serve` (two workers, in-process runners) over a seeded real Redis,
-called with the seeds' request bodies through `bentoml.SyncHTTPClient` and plain HTTP."""
+"""End to end: a real `bentoml serve` (two workers) over a seeded real Redis, called with the
+seeds' request bodies through `bentoml.SyncHTTPClient` and plain HTTP, once per runner topology:
+in-process, separate processes, and remote runners each under their own `bentoml serve`."""
 
 from __future__ import annotations
+
+import time
 
 import bentoml
 import httpx
 import pytest
 
 from tests import seed_bodies as seed
-from tests.conftest import Served
+from tests.conftest import Served, Stack
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def tiffin(stack: Stack) -> Served:
+    return stack.entry
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +121,7 @@ def test_batch_rows_equal_single_requests(tiffin: Served) -> None:
         {"card_id": "card_never_seen", "transaction_amount": 4000, "mcc_code": "7995"},
         {"card_id": "card_00000003", "transaction_amount": 75, "country_code": "ng"},
     ]
+    scored_at = time.monotonic()
     batch = post(tiffin, "/score/batch", {"model_type": "card_fraud", "requests": items})
     assert batch.status_code == 200, batch.text
     rows = batch.json()["results"]
@@ -123,7 +132,9 @@ def test_batch_rows_equal_single_requests(tiffin: Served) -> None:
         assert {k: v for k, v in row.items() if k not in volatile} == {
             k: v for k, v in single.items() if k not in volatile
         }
-        assert row["feature_freshness_sec"] == pytest.approx(single["feature_freshness_sec"], abs=2)
+        if row["feature_freshness_sec"] is not None:  # the records aged while we asked again
+            aged = single["feature_freshness_sec"] - row["feature_freshness_sec"]
+            assert -1 <= aged <= time.monotonic() - scored_at + 1
     assert rows[-2]["features"]["defaults_used"] == ["card:card_never_seen"]
     assert rows[2]["features"]["defaults_used"] == ["merchant:merchant_unknown"]
     assert any(r["top_risk_factors"] for r in rows)
@@ -211,19 +222,24 @@ def test_health_ready_models(tiffin: Served) -> None:
     assert httpx.get(f"{tiffin.url}/models/card_fraud").json()["name"] == "card_fraud"
 
 
-def test_metrics_are_labelled_by_model_and_version(tiffin: Served, client) -> None:
+def test_metrics_are_labelled_by_model_and_version(stack: Stack, client) -> None:
     for _ in range(6):  # several requests so both workers have served some
         client.score_fraud(**seed.CARD_FRAUD)
-    text = httpx.get(f"{tiffin.url}/metrics").text
+    text = httpx.get(f"{stack.entry.url}/metrics").text
     for name in (
         "ml_inference_requests_total",
         "ml_inference_duration_seconds_bucket",
-        "ml_model_load_time_seconds",
-        "ml_active_models",
         "feature_fetch_duration_seconds_bucket",
         "prediction_scores_bucket",
+        "ml_pipeline_stage_seconds_bucket",
     ):
         assert f"{name}{{" in text, name
+    # models load where their runner runs: a remote runner's server reports its own loads
+    runners = [httpx.get(f"{r.url}/metrics").text for r in stack.runners.values()]
+    for name in ("ml_model_load_time_seconds", "ml_active_models"):
+        assert any(f"{name}{{" in t for t in (text, *runners)), name
+    for stage in ("route", "features", "predict", "respond"):
+        assert f'stage="{stage}"' in text, stage
     assert 'ml_inference_requests_total{model="card_fraud",status="success",version="v1.0"}' in text
 
 
@@ -241,6 +257,8 @@ def test_metrics_are_labelled_by_model_and_version(tiffin: Served, client) -> No
         ),
         ("/predict", {"model_name": "nope", "features": {"a": [1]}}, 404, "nope"),
         ("/predict", {**seed.GENERIC, "version": "9.9"}, 404, "9.9"),
+        ("/predict", {"model_name": "bad name!", "features": {"a": [1]}}, 404, "model_name"),
+        ("/predict", {**seed.GENERIC, "version": "v 9!"}, 404, "version"),
         ("/predict", {"model_name": "your_model", "features": {"feature1": [1]}}, 422, "feature2"),
         (
             "/predict",
@@ -267,6 +285,7 @@ def test_metrics_are_labelled_by_model_and_version(tiffin: Served, client) -> No
         ("/score/batch", {"model_type": "weather", "requests": [{}]}, 400, "model_type"),
         ("/v1/models/predict", {"instances": [[1, 2]]}, 422, "instances"),
         ("/v1/models/predict", {"instances": [[1, 2, 3, 4]], "version": "v9"}, 404, "v9"),
+        ("/v1/models/predict", {"instances": [[1, 2, 3, 4]], "version": "v 9!"}, 404, "version"),
         ("/predict/ctr", {**seed.CTR, "ad_format": "hologram"}, 400, "ad_format"),
         ("/predict/fraud", {**seed.AD_FRAUD, "ip_address": "999.1.1.1"}, 400, "ip_address"),
         ("/predict/bid", {**seed.BID, "competition_level": "fierce"}, 400, "competition_level"),
@@ -276,6 +295,18 @@ def test_bad_input_gets_a_4xx_naming_the_problem(tiffin: Served, path, body, sta
     response = post(tiffin, path, body)
     assert response.status_code == status, response.text
     assert names in response.json()["error"]
+
+
+def test_input_that_overflows_the_model_is_the_clients_error(tiffin: Served) -> None:
+    """Huge numbers make the model answer NaN: a 422 naming the feature, not a failure of the
+    version (which canary analysis would read)."""
+    stats = f"{tiffin.url}/v1/metrics/1.0.0?model=your_model"
+    before = httpx.get(stats).json()["errors"]
+    body = {"model_name": "your_model", "features": {"feature1": [3e38], "feature2": [1.0]}}
+    response = post(tiffin, "/predict", body)
+    assert response.status_code == 422, response.text
+    assert "feature1" in response.json()["error"]
+    assert httpx.get(stats).json()["errors"] == before
 
 
 def test_non_json_body_is_a_400(tiffin: Served) -> None:
@@ -288,9 +319,9 @@ def test_non_json_body_is_a_400(tiffin: Served) -> None:
     assert "JSON" in response.json()["error"]
 
 
-def test_redis_outage_degrades_instead_of_failing(client, tiffin: Served, seeded_redis) -> None:
-    """Runs last in this module: it stops the module's Redis."""
-    seeded_redis.stop()
+def test_redis_outage_degrades_instead_of_failing(client, tiffin: Served, stack: Stack) -> None:
+    """Runs after the others of its topology: it stops the stack's Redis."""
+    stack.redis.stop()
     out = client.score_fraud(**seed.CARD_FRAUD)
     assert out["features"]["degraded"] is True
     assert out["features"]["defaults_used"] == ["card:card_00001234", "merchant:merchant_12345"]
@@ -298,3 +329,54 @@ def test_redis_outage_degrades_instead_of_failing(client, tiffin: Served, seeded
     health = httpx.get(f"{tiffin.url}/health").json()
     assert health["status"] == "degraded"
     assert health["components"]["feature_store"]["status"] in ("down", "degraded")
+
+
+def test_64_clients_for_30_seconds_get_only_2xx(stack: Stack) -> None:
+    """BentoML's hop between processes used to drop requests under load (docs/upstream.md)."""
+    if stack.topology != "separate":
+        pytest.skip("the load check is for the separate-processes topology")
+    import asyncio
+    from collections import Counter
+
+    async def load() -> Counter[str]:
+        statuses: Counter[str] = Counter()
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with httpx.AsyncClient(base_url=stack.entry.url, timeout=60, limits=limits) as c:
+            deadline = time.monotonic() + 30
+
+            async def one(i: int) -> None:
+                n = 0
+                while time.monotonic() < deadline:
+                    body = {**seed.CARD_FRAUD, "card_id": f"card_{(i * 997 + n) % 6000:08d}"}
+                    try:
+                        r = await c.post("/score/fraud", json=body)
+                        statuses[str(r.status_code)] += 1
+                    except httpx.HTTPError as exc:
+                        statuses[type(exc).__name__] += 1
+                    n += 1
+
+            await asyncio.gather(*(one(i) for i in range(64)))
+        return statuses
+
+    statuses = asyncio.run(load())
+    assert set(statuses) == {"200"}, statuses
+    assert statuses["200"] > 64
+
+
+def test_a_remote_runner_that_is_down_is_a_503_naming_it(stack: Stack) -> None:
+    """Runs last: it stops one of the stack's runners."""
+    if stack.topology != "remote":
+        pytest.skip("only remote runners can be stopped on their own")
+    from tests.conftest import stop
+
+    stop(stack.runners["ctr_prediction"])
+    started = time.monotonic()
+    response = post(stack.entry, "/predict/ctr", seed.CTR)
+    assert response.status_code == 503, response.text
+    assert "ctr_prediction" in response.json()["error"]
+    assert time.monotonic() - started < 15
+    health = httpx.get(f"{stack.entry.url}/health", timeout=30).json()
+    assert health["status"] == "degraded"
+    assert health["components"]["runners"]["down"] == ["ctr_prediction"]
+    assert httpx.get(f"{stack.entry.url}/readyz", timeout=30).status_code != 200
+    assert post(stack.entry, "/score/fraud", seed.CARD_FRAUD).status_code == 200

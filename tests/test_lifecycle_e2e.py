@@ -149,6 +149,10 @@ def test_register_rejects_bad_artifacts_and_changes_nothing(app: Served) -> None
         token(),
     )
     assert checksum.status_code == 422 and "sha256" in checksum.json()["error"]
+    bad_tag = register(app, "v 8!", card_fraud_artifact())  # BentoML's tag rules refuse it
+    assert bad_tag.status_code == 422 and "version" in bad_tag.json()["error"], bad_tag.text
+    assert post(app, "/models/card fraud:v1/activate", {}, token()).status_code == 404
+    assert httpx.get(f"{app.url}/v1/traffic-split?model=bad%20name!").status_code == 404
     assert score(app, "card_00000001").json()["model_version"] == "v1.0"
 
 

@@ -29,6 +29,9 @@ from tiffin.lifecycle import stats as vm
 from tiffin.lifecycle.manager import LifecycleManager, split_id
 from tiffin.lifecycle.traffic import Strategy, Thresholds
 
+# BentoML's tag rules (a name or version it refuses cannot be stored): 422 naming the field.
+TAG_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$"
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -36,8 +39,8 @@ class _Body(BaseModel):
 
 class RegisterRequest(_Body):
     model_config = ConfigDict(extra="ignore")
-    name: str = Field(min_length=1, max_length=64)
-    version: str = Field(min_length=1, max_length=64)
+    name: str = Field(min_length=1, max_length=63, pattern=TAG_PATTERN)
+    version: str = Field(min_length=1, max_length=63, pattern=TAG_PATTERN)
     model_path: str | None = None
     artifact_base64: str | None = None
     filename: str | None = Field(None, description="model.onnx, model.json or model.txt")

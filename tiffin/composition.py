@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 
 from tiffin.auth import AuthSettings
-from tiffin.families import Families, Family, LocalFamily, RemoteFamily
+from tiffin.families import Families, Family, LocalFamily, RemoteFamily, RunnerClient
 from tiffin.feature_store import EmbeddedFeatureStore, FeatureStore, open_store
 from tiffin.lifecycle.manager import LifecycleManager
 from tiffin.lifecycle.router import Router
@@ -111,22 +111,28 @@ class Worker:
 
 
 def _is_local(runner: Any) -> bool:
-    # `bentoml.depends` resolves to a RemoteProxy for a runner served elsewhere; an in-process
-    # runner is the service class's instance (which BentoML also gives `to_async`/`to_sync`).
-    from _bentoml_impl.client.proxy import RemoteProxy
-
-    return not isinstance(runner, RemoteProxy)
+    return not isinstance(runner, RunnerClient)
 
 
-def _family_of(runner: Any, family: str, name: str, timeout_s: float) -> Family:
+def _connect(name: str, runner: Any, timeout_s: float) -> Any:
+    """A runner BentoML resolved to a remote proxy (separate or remote) becomes our own client
+    for the same URL or local socket; an in-process runner instance stays as it is."""
+    from _bentoml_impl.client import RemoteProxy
+
+    if isinstance(runner, RemoteProxy):
+        return RunnerClient(name, runner.to_async.url, timeout_s)
+    return runner
+
+
+def _family_of(runner: Any, family: str) -> Family:
     if _is_local(runner):
         return LocalFamily(runner.pool(family))
-    return RemoteFamily(family, runner, name, timeout_s)
+    return RemoteFamily(family, runner)
 
 
-def _generic(runner: Any, timeout_s: float) -> Callable[[str], Family]:
+def _generic(runner: Any) -> Callable[[str], Family]:
     def make(family: str) -> Family:
-        found = _family_of(runner, family, "generic", timeout_s)
+        found = _family_of(runner, family)
         found.default_version  # noqa: B018 -- raises ModelNotFound for a family not in the store
         return found
 
@@ -137,7 +143,7 @@ def _generic_defaults(runner: Any) -> list[str]:
     if _is_local(runner):
         return list(runner.pools)
     try:
-        return list(runner.to_sync.call("describe"))
+        return list(runner.call("describe"))
     except Exception as exc:  # a runner that is down: its families are looked up on first use
         log.warning("cannot list the generic runner's families: %s", exc)
         return []
@@ -156,12 +162,7 @@ def _wait_for_runners(runners: Mapping[str, Any], timeout_s: float) -> None:
     for name, runner in runners.items():
         if _is_local(runner):
             continue
-        while True:
-            try:
-                if runner.to_sync.is_ready(timeout=2):
-                    break
-            except Exception as exc:
-                log.debug("runner %s not ready yet: %s", name, exc)
+        while not runner.ready_sync():
             if time.monotonic() >= deadline:
                 log.warning("runner %s is not ready; starting without it", name)
                 break
@@ -169,11 +170,10 @@ def _wait_for_runners(runners: Mapping[str, Any], timeout_s: float) -> None:
 
 
 def compose_llm(runner: Any, settings: LLMSettings) -> tuple[LLM | None, ForwardedLLM | None]:
-    """In process: the runner's LLM object. Elsewhere: forward to it through BentoML's client,
-    whose HTTP connection already knows the runner's socket or URL."""
+    """In process: the runner's LLM object. Elsewhere: its routes are forwarded."""
     if _is_local(runner):
         return runner.llm, None
-    return None, ForwardedLLM(runner.to_async.client, settings)
+    return None, ForwardedLLM(runner.async_, settings)
 
 
 def compose(
@@ -187,14 +187,16 @@ def compose(
     auth: AuthSettings,
 ) -> Worker:
     """One worker's objects from its settings and runners (instances or BentoML proxies)."""
+    runners = {
+        name: _connect(name, runner, topology.runner_timeout_s) for name, runner in runners.items()
+    }
     _wait_for_runners(runners, topology.runner_startup_timeout_s)
-    timeout = topology.runner_timeout_s
     store = open_store(feature_store)
     if isinstance(store, EmbeddedFeatureStore):
         _fill_embedded(store, feature_store.embedded_entities)
     families = Families(
-        {name: _family_of(runners[name], name, name, timeout) for name in DEDICATED},
-        _generic(runners["generic"], timeout),
+        {name: _family_of(runners[name], name) for name in DEDICATED},
+        _generic(runners["generic"]),
     )
     for name in _generic_defaults(runners["generic"]):
         families.get(name)  # the generic runner's packaged families are served from the start
@@ -231,7 +233,7 @@ def compose(
 def _runner_health(runner: Any, mode: str) -> RunnerHealth:
     if _is_local(runner):
         return RunnerHealth("in-process")
-    return RunnerHealth(mode, functools.partial(runner.to_async.is_ready, timeout=2))
+    return RunnerHealth(mode, runner.ready)
 
 
 def compose_llm_only(llm: LLM, server: ServerSettings) -> Worker:

@@ -9,12 +9,12 @@ on another machine. `Families` resolves a family name to one of them.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 from pydantic import BaseModel
@@ -134,55 +134,138 @@ class RemoteRef:
         return len(self.card.feature_names)
 
 
-def runner_error(exc: Exception, runner: str) -> Exception:
-    """A runner's answer as the typed error it was on the runner's side."""
-    status = int(getattr(exc, "error_code", 0) or 0)
-    message = str(getattr(exc, "message", None) or exc)
-    # BentoML's client prefixes "Error making request: <status>: <body>"; keep the runner's words.
-    if status == 404:
-        return ModelNotFound(message)
-    if status == 422:
-        return ModelLoadError(message)
-    if status == 400:
-        return InvalidInput(message)
-    return RunnerUnavailable(f"runner {runner!r} is unavailable: {message}")
+class RunnerClient:
+    """JSON over HTTP to one runner service's API, sync (lifecycle thread, admin calls) and
+    async (the request path). BentoML serves each `@bentoml.api` at `/<name>`; adaptive batching
+    happens on the runner's side whatever the client.
+
+    Why not BentoML's own client: its aiohttp session is replaced every 100 requests by closing
+    the old one, connections of requests still in flight included, which is how the hop dropped
+    requests under load (`ServerDisconnectedError`; docs/upstream.md). Its sync client also only
+    runs inside AnyIO worker threads, not the lifecycle's.
+    """
+
+    def __init__(self, name: str, url: str, timeout_s: float) -> None:
+        import httpx
+
+        self.name = name
+        self.url = url
+        self.timeout_s = timeout_s
+        parsed = urlparse(url)
+        if parsed.scheme == "file":  # BentoML's local socket for a runner it started
+            socket = unquote(parsed.path)
+            self.base_url = "http://runner"
+            self._sync_transport: Any = httpx.HTTPTransport(uds=socket)
+            self._async_transport: Any = httpx.AsyncHTTPTransport(uds=socket)
+        else:
+            self.base_url = f"http://{parsed.netloc}" if parsed.scheme == "tcp" else url
+            self._sync_transport = self._async_transport = None
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+        self.sync = httpx.Client(
+            base_url=self.base_url, transport=self._sync_transport, timeout=timeout_s
+        )
+        self.async_ = httpx.AsyncClient(
+            base_url=self.base_url,
+            transport=self._async_transport,
+            timeout=timeout_s,
+            limits=limits,
+        )
+
+    def call(self, api: str, **body: Any) -> Any:
+        import httpx
+
+        try:
+            response = self.sync.post(f"/{api}", json=body)
+        except httpx.HTTPError as exc:
+            raise self._down(exc) from exc
+        return self._answer(response)
+
+    async def acall(self, api: str, **body: Any) -> Any:
+        import httpx
+
+        for attempt in (1, 2):
+            try:
+                response = await self.async_.post(f"/{api}", json=body)
+                return self._answer(response)
+            except (httpx.RemoteProtocolError, httpx.ConnectError) as exc:
+                # Inference is pure: a call dropped before any answer is safe to send again.
+                if attempt == 2:
+                    raise self._down(exc) from exc
+            except httpx.TimeoutException as exc:
+                raise RunnerUnavailable(
+                    f"runner {self.name!r} did not answer within {self.timeout_s:g}s"
+                ) from exc
+            except httpx.HTTPError as exc:
+                raise self._down(exc) from exc
+        raise AssertionError("unreachable")
+
+    async def ready(self) -> bool:
+        response = await self.async_.get("/readyz", timeout=2.0)
+        return response.status_code == 200
+
+    def ready_sync(self) -> bool:
+        import httpx
+
+        try:
+            return self.sync.get("/readyz", timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _down(self, exc: Exception) -> RunnerUnavailable:
+        return RunnerUnavailable(
+            f"runner {self.name!r} is unavailable: {exc or type(exc).__name__}"
+        )
+
+    def _answer(self, response: Any) -> Any:
+        if response.status_code == 200:
+            json_body = response.headers.get("content-type", "").startswith("application/json")
+            return response.json() if json_body else response.text  # a `str` API answers text
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, list) and len(body) == 1:  # BentoML wraps some 4xx bodies in a list
+            body = body[0]
+        message = (
+            str(body.get("error") or response.text) if isinstance(body, dict) else response.text
+        )
+        status = response.status_code
+        if status == 404:
+            raise ModelNotFound(message)
+        if status == 422:
+            raise ModelLoadError(message)
+        if status == 400:
+            raise InvalidInput(message)
+        raise RunnerUnavailable(f"runner {self.name!r} answered {status}: {message}")
 
 
 class RemoteFamily:
-    """A family served by a runner service reached through a BentoML client proxy.
+    """A family served by a runner service in another process or on another machine."""
 
-    Inference is pure, so a call whose connection dropped before any answer is sent again once:
-    that is how BentoML's hop lost requests under load (a pooled keep-alive connection the runner
-    closed just as it was reused; docs/upstream.md).
-    """
-
-    def __init__(self, name: str, runner: Any, runner_name: str, timeout_s: float) -> None:
+    def __init__(self, name: str, client: RunnerClient) -> None:
         self.name = name
-        self.runner = runner
-        self.runner_name = runner_name
-        self.timeout_s = timeout_s
+        self.client = client
         self._refs: dict[str, RemoteRef] = {}
         self._default: str | None = None
-        self._lock = threading.Lock()
 
     @property
     def default_version(self) -> str:
         if self._default is None:
-            self._default = str(self._sync("default_version", family=self.name))
+            self._default = str(self.client.call("default_version", family=self.name))
         return self._default
 
     async def ref(self, version: str | None) -> ModelRef:
         version = version or self.default_version
         found = self._refs.get(version)
         if found is None:
-            card = await self._async("card", family=self.name, version=version)
+            card = await self.client.acall("card", family=self.name, version=version)
             found = RemoteRef(self.name, str(card["version"]), ModelCard(**card["card"]))
             self._refs[version] = found
         return found
 
     async def predict(self, ref: ModelRef, rows: np.ndarray, explain: bool) -> Prediction:
         job = Job(family=self.name, version=ref.version, rows=rows.tolist(), explain=explain)
-        (result,) = await self._async("predict", jobs=[job])
+        (result,) = await self.client.acall("predict", jobs=[job.model_dump()])
         answer = JobResult.model_validate(result)
         scores = np.asarray(answer.scores, dtype=np.float32)
         contributions = (
@@ -191,42 +274,14 @@ class RemoteFamily:
         return scores, contributions
 
     def load(self, version: str) -> None:
-        self._sync("load", family=self.name, version=version)
+        self.client.call("load", family=self.name, version=version)
 
     def reload_loaded(self) -> None:
         self._refs.clear()
-        self._sync("reload", family=self.name)
+        self.client.call("reload", family=self.name)
 
     def describe(self) -> list[dict[str, Any]]:
-        described = self._sync("describe")
-        return list(described.get(self.name, []))
-
-    def _sync(self, api: str, **kwargs: Any) -> Any:
-        try:
-            return self.runner.to_sync.call(api, **kwargs)
-        except Exception as exc:
-            raise runner_error(exc, self.runner_name) from exc
-
-    async def _async(self, api: str, **kwargs: Any) -> Any:
-        import httpx
-
-        for attempt in (1, 2):
-            try:
-                return await asyncio.wait_for(
-                    self.runner.to_async.call(api, **kwargs), self.timeout_s
-                )
-            except (httpx.RemoteProtocolError, httpx.ConnectError) as exc:
-                if attempt == 2:
-                    raise RunnerUnavailable(
-                        f"runner {self.runner_name!r} is unavailable: {exc}"
-                    ) from exc
-            except TimeoutError as exc:
-                raise RunnerUnavailable(
-                    f"runner {self.runner_name!r} did not answer within {self.timeout_s:g}s"
-                ) from exc
-            except Exception as exc:
-                raise runner_error(exc, self.runner_name) from exc
-        raise AssertionError("unreachable")
+        return list(self.client.call("describe").get(self.name, []))
 
 
 # --- the registry -----------------------------------------------------------------------------

@@ -80,10 +80,11 @@ def exists(name: str, version: str) -> bool:
 
 
 def get(name: str, version: str | None = None) -> bentoml.Model:
-    tag = bentoml.Tag(name, version or "latest")
+    """A stored version; a name or version BentoML's tag rules refuse cannot be stored, so it is
+    not found either (404, never a 500)."""
     try:
-        return bentoml.models.get(tag)
-    except (bentoml.exceptions.NotFound, ValueError) as exc:
+        return bentoml.models.get(bentoml.Tag(name, version or "latest"))
+    except (bentoml.exceptions.NotFound, bentoml.exceptions.InvalidArgument, ValueError) as exc:
         what = f"version {version!r} of model {name!r}" if version else f"model {name!r}"
         raise ModelNotFound(f"{what} is not in the model store") from exc
 

@@ -19,6 +19,22 @@ from tiffin import model_store
 from tiffin.errors import ModelNotFound
 from tiffin.families import Job, JobResult, predict_local
 from tiffin.model_pool import ModelPool
+from tiffin.settings import server_settings
+
+
+def runner_service_config() -> dict[str, Any]:
+    """What every runner's `@bentoml.service` shares: one process each; BentoML's per-request
+    access log and spans on or off as for the entry (they cost more CPU than a prediction does;
+    docs/benchmarks.md). Metrics stay on: a runner served on its own has no other `/metrics`
+    for its model loads and predictions."""
+    server = server_settings()
+    return {
+        "workers": 1,
+        "traffic": {"timeout": 60, "max_concurrency": 1024},
+        "logging": {"access": {"enabled": server.access_log}},
+        "metrics": {"enabled": True},
+        "tracing": {} if server.tracing else {"excluded_urls": ["."]},
+    }
 
 
 class TabularRunner:

@@ -3,7 +3,7 @@
 The peers score the same `card_fraud:v1.0` artifacts as Tiffin (the harness passes the model's
 directory in `BENCH_CARD_FRAUD_DIR`, so no peer imports BentoML) with the same feature logic
 (`tiffin.featurize.card_fraud_row`, `tiffin.feature_store.unpack`). The response logic below mirrors
-`tiffin.scoring` (risk bands, factor groups, explanation text) so every system answers the same
+`tiffin.pipelines` (risk bands, factor groups, explanation text) so every system answers the same
 fields from the same model.
 """
 

@@ -108,16 +108,22 @@ class Router:
         observation.done(score_sample(scores, ref))
 
 
+EXTREME = 1e18
+"""No feature of a served model is this large; beyond it float32 arithmetic inside a model
+overflows (weights times values past ~3.4e38), so a non-finite answer is the input's doing."""
+
+
 def _finite(scores: np.ndarray, ref: ModelRef, rows: np.ndarray) -> np.ndarray:
-    """Non-finite scores on finite input are the model's failure; on input that overflowed to
-    infinity in float32 they are the client's, named by feature."""
+    """Non-finite scores on ordinary input are the model's failure (recorded against the
+    version); on input with values beyond `EXTREME` they are the client's, a 422 naming the
+    features, so nobody can push a canary over its error threshold with huge numbers."""
     if np.all(np.isfinite(scores)):
         return scores
-    overflowed = np.isinf(rows).any(axis=0)
-    if overflowed.any():
-        names = [n for n, bad in zip(ref.card.feature_names, overflowed, strict=False) if bad]
+    extreme = (np.abs(rows) > EXTREME).any(axis=0)  # inf included; NaN means missing, not huge
+    if extreme.any():
+        names = [n for n, bad in zip(ref.card.feature_names, extreme, strict=False) if bad]
         raise InvalidInput(
-            f"features: {', '.join(names)} out of range (beyond float32, about ±3.4e38)"
+            f"features: {', '.join(names)} too large for the model (|value| > {EXTREME:.0e})"
         )
     raise ValueError(f"{ref.name}:{ref.version} returned non-finite scores")
 

@@ -3,11 +3,13 @@ decoding, guards, circuit breaker, metrics, the OpenAI-compatible API and the se
 
 Entry points:
 
-- `tiffin.llm.runtime.install_llm()` — build the configured LLM for this worker
-- `tiffin.llm.endpoints.LLMEndpoints` — mixin with `POST /generate` and `/generate/structured`
-- `tiffin.llm.openai_api.app` — OpenAI-compatible ASGI app, mount at `/openai`
+- `tiffin.llm.runtime.LLM.from_settings()` — build the configured LLM (the LLM runner does)
+- `tiffin.llm.endpoints` — handlers of `POST /generate` and `/generate/structured`
+- `tiffin.llm.openai_api.routes` — the OpenAI-compatible API, mounted at `/openai`
 - `tiffin.llm.routes.routes` — `GET /circuit-breaker/status`, `POST /circuit-breaker/reset`,
-  `GET /llm/status`, to append to the operational Starlette app
+  `GET /llm/status`
+- `tiffin.llm.forward.ForwardedLLM` — the same routes answered by an LLM runner elsewhere
+(all mounted by `tiffin.app.TiffinApp`)
 - `tiffin.llm.explain.explain_fraud(context)` — structured fraud explanation or None
 
 See docs/llm.md.
