@@ -24,6 +24,7 @@ from tiffin.auth import auth_settings, check_startup
 from tiffin.fast_path import FastPathMiddleware, bound
 from tiffin.feature_store import EmbeddedFeatureStore, open_store
 from tiffin.http_errors import ClientErrorMiddleware
+from tiffin.lifecycle.fleet import open_stats
 from tiffin.lifecycle.manager import LifecycleManager
 from tiffin.lifecycle.traffic import TrafficSettings, open_backend
 from tiffin.llm import openai_api
@@ -32,10 +33,13 @@ from tiffin.llm.endpoints import LLMEndpoints
 from tiffin.llm.runtime import install_llm
 from tiffin.llm.settings import llm_settings
 from tiffin.model_pool import ModelPool
+from tiffin.replica import MetricsSettings, use_own_metrics_dir
 from tiffin.scoring import Scoring
 from tiffin.settings import feature_store_settings, model_settings, server_settings
 from tiffin.topology import cache_output_media_types, serve_runners_in_process
 
+# before BentoML prepares (and empties) the Prometheus directory: one per `bentoml serve`
+use_own_metrics_dir(MetricsSettings())
 SERVER = server_settings()
 logging.getLogger("tiffin").setLevel(SERVER.log_level)
 check_startup(auth_settings(), SERVER.environment)
@@ -83,7 +87,7 @@ class Tiffin(LLMEndpoints):
 
         traffic = TrafficSettings()
         backend = open_backend(feature_store_settings().resolved_url(), traffic)
-        lifecycle = LifecycleManager(pool_of, backend, traffic).start()
+        lifecycle = LifecycleManager(pool_of, backend, traffic, open_stats(backend)).start()
         v1_model = model_settings().v1_model
         self.scoring = Scoring(pool_of, store, v1_model, lifecycle)
         bound.scoring = self.scoring

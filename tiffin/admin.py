@@ -272,7 +272,9 @@ async def version_metrics(request: Request, lifecycle: LifecycleManager) -> Resp
         raise ModelNotFound(f"model {family!r} is not in the model store")
     if not model_store.exists(family, version):
         raise ModelNotFound(f"version {version!r} of model {family!r} does not exist")
-    snap = vm.snapshot(family, [version]).get(version, vm.empty())
+    # other replicas' counts come from Redis: off the event loop
+    snaps = await _thread(lifecycle.stats.snapshot, family, [version])
+    snap = snaps.get(version, vm.empty())
     return _json(
         {
             "model": family,
@@ -323,11 +325,13 @@ async def start_ab(request: Request, lifecycle: LifecycleManager) -> Response:
 
 @guarded(None)
 async def list_ab(_: Request, lifecycle: LifecycleManager) -> Response:
-    tests = [
-        {**t.model_dump(exclude={"baseline", "final_result"}), "result": lifecycle.ab_result(t)}
-        for t in lifecycle.state.ab_tests.values()
-    ]
-    return _json({"tests": tests})
+    def tests() -> list[dict[str, Any]]:  # results read every replica's counts from Redis
+        return [
+            {**t.model_dump(exclude={"baseline", "final_result"}), "result": lifecycle.ab_result(t)}
+            for t in lifecycle.state.ab_tests.values()
+        ]
+
+    return _json({"tests": await _thread(tests)})
 
 
 @guarded("traffic:write")

@@ -22,6 +22,7 @@ from typing import Any
 
 from tiffin.errors import Conflict, InvalidInput, ModelLoadError, ModelNotFound
 from tiffin.lifecycle import stats as vm
+from tiffin.lifecycle.fleet import LocalStats, VersionStats
 from tiffin.lifecycle.traffic import (
     ABTest,
     Deployment,
@@ -53,6 +54,7 @@ class LifecycleManager:
     pool_of: Callable[[str], ModelPool]
     backend: StateBackend
     settings: TrafficSettings
+    stats: VersionStats = field(default_factory=LocalStats)
     worker_id: str = field(default_factory=lambda: f"{os.getpid()}-{uuid.uuid4().hex[:6]}")
     routes: dict[str, Route] = field(default_factory=dict)
     state: TrafficState = field(default_factory=TrafficState)
@@ -61,6 +63,9 @@ class LifecycleManager:
     _reload_tokens: dict[str, int] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    # refresh runs on the background thread and in admin calls (wait_for_acks): unserialized, an
+    # older revision applied last would win and be acknowledged
+    _refresh_lock: threading.Lock = field(default_factory=threading.Lock)
 
     # --- the worker loop ----------------------------------------------------------------------
 
@@ -68,10 +73,12 @@ class LifecycleManager:
         self.refresh()
         self._thread = threading.Thread(target=self._run, name="tiffin-lifecycle", daemon=True)
         self._thread.start()
+        self.stats.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
+        self.stats.stop()
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.poll_interval_s):
@@ -83,9 +90,10 @@ class LifecycleManager:
                 log.exception("lifecycle tick failed")
 
     def refresh(self) -> None:
-        if self.backend.revision() != self.applied_revision:
-            self._apply(self.backend.load())
-        self.backend.ack(self.worker_id, self.applied_revision)
+        with self._refresh_lock:
+            if self.backend.revision() != self.applied_revision:
+                self._apply(self.backend.load())
+            self.backend.ack(self.worker_id, self.applied_revision)
 
     def _apply(self, state: TrafficState) -> None:
         routes: dict[str, Route] = {}
@@ -265,7 +273,7 @@ class LifecycleManager:
                 traffic.weights = (
                     {stable: 100 - first, version: first} if first < 100 else {version: 100}
                 )
-                deployment.baseline = vm.snapshot(family, [stable, version])
+                deployment.baseline = self.stats.snapshot(family, [stable, version])
                 deployment.transitions.append(Transition(event="step", detail={"weight": first}))
             state.deployments.append(deployment)
             del state.deployments[:-100]
@@ -325,7 +333,7 @@ class LifecycleManager:
             deployment.target_version,
             deployment.stable_version,
         )
-        now = vm.snapshot(family, [target, stable])
+        now = self.stats.snapshot(family, [target, stable])
         canary = vm.delta(now.get(target, vm.empty()), deployment.baseline.get(target))
         base = vm.delta(now.get(stable, vm.empty()), deployment.baseline.get(stable))
         verdict = breach(canary, base, deployment.thresholds)
@@ -365,7 +373,7 @@ class LifecycleManager:
                 else {d.target_version: 100}
             )
             d.step_started_at = time.time()
-            d.baseline = vm.snapshot(d.family, [d.stable_version, d.target_version])
+            d.baseline = self.stats.snapshot(d.family, [d.stable_version, d.target_version])
             d.transitions.append(Transition(event="step", detail={"weight": weight, **stats}))
             state.log("deploy_step", family=d.family, id=d.id, weight=weight)
 
@@ -411,7 +419,7 @@ class LifecycleManager:
             traffic = state.family(family)
             test.previous_weights = dict(traffic.weights) or self.weights(family)
             traffic.weights = {version_a: 100 - share_b, version_b: share_b}
-            test.baseline = vm.snapshot(family, [version_a, version_b])
+            test.baseline = self.stats.snapshot(family, [version_a, version_b])
             state.ab_tests[test_id] = test
             state.log("ab_test_started", test_id=test_id, family=family)
 
@@ -422,7 +430,7 @@ class LifecycleManager:
         if test.final_result is not None:
             return test.final_result
         (family, a), (_, b) = split_id(test.model_a), split_id(test.model_b)
-        now = vm.snapshot(family, [a, b])
+        now = self.stats.snapshot(family, [a, b])
         arm_a = vm.delta(now.get(a, vm.empty()), test.baseline.get(a))
         arm_b = vm.delta(now.get(b, vm.empty()), test.baseline.get(b))
         from tiffin.lifecycle.ab_stats import compare

@@ -1,14 +1,16 @@
 """Per-version statistics read back from the Prometheus metrics every worker writes.
 
-The same numbers `/metrics` exposes (all workers of this host, via the multiprocess directory)
-feed `/v1/metrics/{version}`, canary analysis and A/B tests, so there is one source of truth.
-Snapshots are cumulative; analyses subtract a baseline snapshot taken at the window's start.
+The same numbers `/metrics` exposes (every worker of this replica, via its multiprocess directory)
+are what each replica contributes to `/v1/metrics/{version}`, canary analysis and A/B tests, so
+there is one source of truth; `tiffin.lifecycle.fleet` sums the replicas. Snapshots are
+cumulative; analyses subtract a baseline snapshot taken at the window's start.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -16,9 +18,12 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from tiffin.metrics import LATENCY_BUCKETS, SCORE_BUCKETS, metrics
 
 Snapshot = dict[str, Any]
+Snapshots = dict[str, dict[str, Snapshot]]
+"""model -> version -> snapshot"""
 
 
-def _families() -> list[Any]:
+def local_families() -> list[Any]:
+    """This replica's metric families: every worker's, via the multiprocess directory."""
     metrics()  # make sure the metrics exist in this process
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
@@ -42,37 +47,67 @@ def empty() -> Snapshot:
 
 
 def snapshot(model: str, versions: list[str] | None = None) -> dict[str, Snapshot]:
-    """Cumulative counts per version of `model`: ok/error requests, latency and score buckets."""
-    out: dict[str, Snapshot] = {}
+    """This replica's cumulative counts per version of `model`: ok/error requests, latency and
+    score buckets."""
+    return collect(local_families(), model, versions).get(model, {})
 
-    def slot(version: str) -> Snapshot:
-        if version not in out:
-            out[version] = empty()
-        return out[version]
 
-    for family in _families():
+def collect(
+    families: Iterable[Any], model: str | None = None, versions: list[str] | None = None
+) -> Snapshots:
+    """Per model and version snapshots from metric families (every model when `model` is None)."""
+    out: Snapshots = {}
+
+    def slot(labels: dict[str, str]) -> Snapshot:
+        versions_of = out.setdefault(labels["model"], {})
+        version = labels.get("version", "")
+        if version not in versions_of:
+            versions_of[version] = empty()
+        return versions_of[version]
+
+    for family in families:
         for sample in family.samples:
             labels = sample.labels
-            if labels.get("model") != model:
+            if "model" not in labels or (model is not None and labels["model"] != model):
                 continue
-            version = labels.get("version", "")
-            if versions is not None and version not in versions:
+            if versions is not None and labels.get("version", "") not in versions:
                 continue
             name = sample.name
             if name == "ml_inference_requests_total":
-                slot(version)["ok" if labels.get("status") == "success" else "error"] += (
-                    sample.value
-                )
+                slot(labels)["ok" if labels.get("status") == "success" else "error"] += sample.value
             elif name == "ml_inference_duration_seconds_bucket":
-                _add_bucket(slot(version)["latency"], LATENCY_BUCKETS, labels["le"], sample.value)
+                _add_bucket(slot(labels)["latency"], LATENCY_BUCKETS, labels["le"], sample.value)
             elif name == "ml_inference_duration_seconds_sum":
-                slot(version)["latency_sum"] += sample.value
+                slot(labels)["latency_sum"] += sample.value
             elif name == "prediction_scores_bucket":
-                _add_bucket(slot(version)["scores"], SCORE_BUCKETS, labels["le"], sample.value)
+                _add_bucket(slot(labels)["scores"], SCORE_BUCKETS, labels["le"], sample.value)
             elif name == "prediction_scores_sum":
-                slot(version)["score_sum"] += sample.value
+                slot(labels)["score_sum"] += sample.value
             elif name == "prediction_scores_count":
-                slot(version)["score_count"] += sample.value
+                slot(labels)["score_count"] += sample.value
+    return out
+
+
+def combine(a: Snapshot, b: Snapshot, sign: float = 1.0) -> Snapshot:
+    """a + sign * b, field by field."""
+    out: Snapshot = {}
+    for key, value in a.items():
+        other = b.get(key)
+        if isinstance(value, list):
+            other = other or [0.0] * len(value)
+            out[key] = [x + sign * y for x, y in zip(value, other, strict=True)]
+        else:
+            out[key] = value + sign * (other or 0.0)
+    return out
+
+
+def combine_all(a: Snapshots, b: Snapshots, sign: float = 1.0) -> Snapshots:
+    """`combine` for every model and version of either side."""
+    out: Snapshots = {model: dict(versions) for model, versions in a.items()}
+    for model, versions in b.items():
+        mine = out.setdefault(model, {})
+        for version, snap in versions.items():
+            mine[version] = combine(mine.get(version) or empty(), snap, sign)
     return out
 
 
@@ -82,14 +117,13 @@ def _add_bucket(target: list[float], bounds: tuple[float, ...], le: str, value: 
 
 
 def delta(now: Snapshot, base: Snapshot | None) -> Snapshot:
+    """What happened since `base`. Never negative: a baseline and a later snapshot may be read on
+    different replicas, each seeing its own counts fresh and the others' up to one publish late."""
     if not base:
         return now
     out: Snapshot = {}
-    for key, value in now.items():
-        if isinstance(value, list):
-            out[key] = [a - b for a, b in zip(value, base.get(key, [0] * len(value)), strict=True)]
-        else:
-            out[key] = value - base.get(key, 0.0)
+    for key, value in combine(now, base, -1.0).items():
+        out[key] = [max(v, 0.0) for v in value] if isinstance(value, list) else max(value, 0.0)
     return out
 
 

@@ -1,0 +1,234 @@
+"""Per-version statistics summed over every replica that shares the traffic backend.
+
+A replica (one `bentoml serve`, all its workers) records requests into its own Prometheus
+multiprocess directory, untouched on the request path. One worker per replica publishes that
+directory's cumulative per-version snapshot to Redis every `publish_interval_s`; a reader adds
+every replica's published snapshot, reading its own replica's fresh from disk instead of its
+published copy. So canary analysis, A/B tests and `/v1/metrics/{version}` give the same answer on
+every replica: what clients were served, up to one publish interval late for other replicas.
+
+Keys, under `<traffic prefix>:stats:`
+- `live`: hash, replica id -> JSON snapshots it published (its counts minus `gone:<replica>`);
+- `alive:<replica>`: set on every publish, expires after `replica_timeout_s`;
+- `publisher:<replica>`: short lease naming the worker of the replica that publishes;
+- `retired`: JSON sum of what replicas that stopped publishing had published;
+- `gone:<replica>`: the part of a replica's counts already moved into `retired`.
+
+Totals never go down. A replica that stops publishing (crash, restart under a new id, network
+partition) is moved from `live` into `retired` in one transaction by whichever replica notices
+first. If it was only paused and publishes again, it publishes its counts minus `gone:<replica>`,
+so nothing is counted twice. Lost are only a crashed replica's last, unpublished, interval.
+Without Redis (file backend: one host) each replica judges on its own counts (`LocalStats`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tiffin.lifecycle import stats as vm
+from tiffin.lifecycle.traffic import RedisStateBackend, StateBackend
+from tiffin.replica import MetricsSettings, replica_id
+
+log = logging.getLogger("tiffin.lifecycle")
+# A paused replica that comes back within this long is not counted twice; keys of replicas that
+# are gone for good disappear after it.
+GONE_TTL_S = 7 * 24 * 3600
+Families = Callable[[], Iterable[Any]]
+
+
+class VersionStats(Protocol):
+    def snapshot(self, model: str, versions: list[str] | None = None) -> dict[str, vm.Snapshot]:
+        """Cumulative counts per version of `model` (see `tiffin.lifecycle.stats`)."""
+        ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@dataclass
+class LocalStats:
+    """This replica's own counts: one host without Redis."""
+
+    families: Families = vm.local_families
+
+    def snapshot(self, model: str, versions: list[str] | None = None) -> dict[str, vm.Snapshot]:
+        return vm.collect(self.families(), model, versions).get(model, {})
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+@dataclass
+class FleetStats:
+    """Every replica's counts, summed through Redis."""
+
+    client: Any  # redis.Redis
+    prefix: str
+    replica: str
+    settings: MetricsSettings
+    families: Families = vm.local_families
+    worker: str = field(default_factory=lambda: str(os.getpid()))
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _failing: bool = False
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def snapshot(self, model: str, versions: list[str] | None = None) -> dict[str, vm.Snapshot]:
+        local = vm.collect(self.families(), model, versions).get(model, {})
+        with self.client.pipeline() as pipe:  # one transaction: a consistent cut
+            pipe.hgetall(self._key("live"))
+            pipe.get(self._key("retired"))
+            pipe.get(self._key("gone", self.replica))
+            live, retired, gone = pipe.execute()
+        parts = [_loads(retired)]
+        parts += [_loads(raw) for name, raw in live.items() if name.decode() != self.replica]
+        total: dict[str, vm.Snapshot] = {}
+        for part in parts:
+            for version, snap in part.get(model, {}).items():
+                if versions is None or version in versions:
+                    total[version] = vm.combine(total.get(version) or vm.empty(), snap)
+        mine = vm.combine_all({model: local}, _loads(gone), -1.0).get(model, {})
+        for version, snap in mine.items():
+            if versions is None or version in versions:
+                total[version] = vm.combine(total.get(version) or vm.empty(), snap)
+        return total
+
+    # --- publishing ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="tiffin-stats", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            if self._lead():  # the last interval too, when shutting down cleanly
+                self.publish()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.publish_interval_s):
+            try:
+                if self._lead():
+                    self.publish()
+                    self.retire_silent()
+                if self._failing:
+                    log.info("publishing statistics to Redis again")
+                    self._failing = False
+            except Exception:  # Redis blips must not end the loop; say so once, not every tick
+                if not self._failing:
+                    log.exception("publishing statistics to Redis failed; retrying")
+                    self._failing = True
+
+    def _lead(self) -> bool:
+        """Whether this worker publishes for its replica (one worker does; another takes over
+        within three intervals when it exits)."""
+        key = self._key("publisher", self.replica)
+        ttl_ms = int(self.settings.publish_interval_s * 3000)
+        if self.client.set(key, self.worker, nx=True, px=ttl_ms):
+            return True
+        if self.client.get(key) == self.worker.encode():
+            self.client.pexpire(key, ttl_ms)
+            return True
+        return False
+
+    def publish(self) -> None:
+        """Publish this replica's counts (minus whatever of them was already retired)."""
+        import redis
+
+        local = vm.collect(self.families())
+        gone_key = self._key("gone", self.replica)
+        while True:
+            with self.client.pipeline() as pipe:
+                try:
+                    pipe.watch(gone_key)  # a retirement between reading and writing: redo
+                    gone = _loads(pipe.get(gone_key))
+                    pipe.multi()
+                    pipe.hset(
+                        self._key("live"), self.replica, _dumps(vm.combine_all(local, gone, -1.0))
+                    )
+                    pipe.set(
+                        self._key("alive", self.replica),
+                        1,
+                        px=int(self.settings.replica_timeout_s * 1000),
+                    )
+                    if gone:
+                        pipe.expire(gone_key, GONE_TTL_S)
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
+
+    def retire_silent(self) -> list[str]:
+        """Move every replica that stopped publishing from `live` into `retired`."""
+        names = [n.decode() for n in self.client.hkeys(self._key("live"))]
+        names = [n for n in names if n != self.replica]
+        if not names:
+            return []
+        with self.client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.exists(self._key("alive", name))
+            alive = pipe.execute()
+        silent = [name for name, up in zip(names, alive, strict=True) if not up]
+        return [name for name in silent if self._retire(name)]
+
+    def _retire(self, name: str) -> bool:
+        import redis
+
+        live, alive = self._key("live"), self._key("alive", name)
+        retired, gone = self._key("retired"), self._key("gone", name)
+        while True:
+            with self.client.pipeline() as pipe:
+                try:
+                    # the replica publishing meanwhile, or another replica retiring it: redo
+                    pipe.watch(live, alive, retired, gone)
+                    raw = pipe.hget(live, name)
+                    if raw is None or pipe.exists(alive):
+                        return False
+                    entry = _loads(raw)
+                    total, before = _loads(pipe.get(retired)), _loads(pipe.get(gone))
+                    pipe.multi()
+                    pipe.set(retired, _dumps(vm.combine_all(total, entry)))
+                    pipe.set(gone, _dumps(vm.combine_all(before, entry)), ex=GONE_TTL_S)
+                    pipe.hdel(live, name)
+                    pipe.execute()
+                    log.info("replica %s stopped publishing; its counts are retired", name)
+                    return True
+                except redis.WatchError:
+                    continue
+
+
+def open_stats(
+    backend: StateBackend, settings: MetricsSettings | None = None, replica: str | None = None
+) -> VersionStats:
+    """Fleet-wide statistics when the traffic state is shared through Redis, else local ones."""
+    if isinstance(backend, RedisStateBackend):
+        return FleetStats(
+            backend.client,
+            f"{backend.prefix}:stats",
+            replica or replica_id(),
+            settings or MetricsSettings(),
+        )
+    return LocalStats()
+
+
+def _dumps(snaps: vm.Snapshots) -> str:
+    return json.dumps(snaps, separators=(",", ":"))
+
+
+def _loads(raw: bytes | str | None) -> vm.Snapshots:
+    return json.loads(raw) if raw else {}
