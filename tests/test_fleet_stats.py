@@ -45,7 +45,9 @@ def prefix(redis_url: str, request: pytest.FixtureRequest) -> str:
 class Replica:
     """One serve process's metrics, published under `name`."""
 
-    def __init__(self, url: str, prefix: str, name: str, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, url: str, prefix: str, name: str, timeout_s: float = 30.0, interval_s: float = 0.05
+    ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "ml_inference_requests_total",
@@ -67,7 +69,7 @@ class Replica:
             buckets=SCORE_BUCKETS,
             registry=self.registry,
         )
-        settings = MetricsSettings(publish_interval_s=0.05, replica_timeout_s=timeout_s)
+        settings = MetricsSettings(publish_interval_s=interval_s, replica_timeout_s=timeout_s)
         self.fleet = FleetStats(
             redis.Redis.from_url(url), prefix, name, settings, families=self.registry.collect
         )
@@ -121,6 +123,27 @@ def test_one_worker_per_replica_publishes_on_its_own_thread(redis_url: str, pref
     finally:
         first.fleet.stop()
         second.fleet.stop()
+
+
+def test_records_kept_include_what_other_replicas_just_served(redis_url: str, prefix: str) -> None:
+    reader = Replica(redis_url, prefix, "reader")
+    busy = Replica(redis_url, prefix, "busy", interval_s=60)  # no periodic publish in this test
+    busy.fleet.publish()
+    busy.fleet.start()
+    try:
+        busy.serve("v1.0", 9)
+        assert reader.requests_of("v1.0") == 0  # a look: other replicas' counts arrive later
+        assert reader.fleet.snapshot(MODEL, fresh=True)["v1.0"]["ok"] == 9  # a record: now
+        stuck = Replica(redis_url, prefix, "stuck")  # alive, but its publisher does not answer
+        stuck.serve("v1.0", 4)
+        stuck.fleet.publish()
+        stuck.serve("v1.0", 1)
+        started = time.monotonic()
+        assert reader.fleet.sync() is False
+        assert time.monotonic() - started < 2
+        assert reader.requests_of("v1.0") == 13  # the stuck one's last publish counts
+    finally:
+        busy.fleet.stop()
 
 
 def test_a_restarted_replica_never_lowers_the_totals(redis_url: str, prefix: str) -> None:

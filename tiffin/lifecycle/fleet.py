@@ -12,7 +12,10 @@ Keys, under `<traffic prefix>:stats:`
 - `alive:<replica>`: set on every publish, expires after `replica_timeout_s`;
 - `publisher:<replica>`: short lease naming the worker of the replica that publishes;
 - `retired`: JSON sum of what replicas that stopped publishing had published;
-- `gone:<replica>`: the part of a replica's counts already moved into `retired`.
+- `gone:<replica>`: the part of a replica's counts already moved into `retired`;
+- `sync` (counter and pub/sub channel), `synced`: a reader about to keep a record (a canary or
+  A/B baseline, a final A/B result) asks every replica to publish now and waits until each has
+  published at least its request's number, so the record misses nothing other replicas served.
 
 Totals never go down. A replica that stops publishing (crash, restart under a new id, network
 partition) is moved from `live` into `retired` in one transaction by whichever replica notices
@@ -27,6 +30,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -43,8 +47,11 @@ Families = Callable[[], Iterable[Any]]
 
 
 class VersionStats(Protocol):
-    def snapshot(self, model: str, versions: list[str] | None = None) -> dict[str, vm.Snapshot]:
-        """Cumulative counts per version of `model` (see `tiffin.lifecycle.stats`)."""
+    def snapshot(
+        self, model: str, versions: list[str] | None = None, fresh: bool = False
+    ) -> dict[str, vm.Snapshot]:
+        """Cumulative counts per version of `model` (see `tiffin.lifecycle.stats`). `fresh`: up
+        to now on every replica, for a record kept (a baseline, a final result), not a look."""
         ...
 
     def start(self) -> None: ...
@@ -58,7 +65,9 @@ class LocalStats:
 
     families: Families = vm.local_families
 
-    def snapshot(self, model: str, versions: list[str] | None = None) -> dict[str, vm.Snapshot]:
+    def snapshot(
+        self, model: str, versions: list[str] | None = None, fresh: bool = False
+    ) -> dict[str, vm.Snapshot]:
         return vm.collect(self.families(), model, versions).get(model, {})
 
     def start(self) -> None:
@@ -87,7 +96,11 @@ class FleetStats:
 
     # --- reading ------------------------------------------------------------------------------
 
-    def snapshot(self, model: str, versions: list[str] | None = None) -> dict[str, vm.Snapshot]:
+    def snapshot(
+        self, model: str, versions: list[str] | None = None, fresh: bool = False
+    ) -> dict[str, vm.Snapshot]:
+        if fresh:
+            self.sync()
         local = vm.collect(self.families(), model, versions).get(model, {})
         with self.client.pipeline() as pipe:  # one transaction: a consistent cut
             pipe.hgetall(self._key("live"))
@@ -107,6 +120,34 @@ class FleetStats:
                 total[version] = vm.combine(total.get(version) or vm.empty(), snap)
         return total
 
+    def sync(self) -> bool:
+        """Have every other live replica publish what it has served until now: True once all have,
+        False when one did not within the timeout (its previous publish counts then)."""
+        seq = int(self.client.incr(self._key("sync")))
+        self.client.publish(self._key("sync"), seq)
+        deadline = time.monotonic() + 2 * self.settings.publish_interval_s + 1.0
+        while pending := self._behind(seq):
+            if time.monotonic() >= deadline:
+                log.warning("replicas %s did not publish in time; using their last counts", pending)
+                return False
+            time.sleep(0.005)
+        return True
+
+    def _behind(self, seq: int) -> list[str]:
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self._key("synced"))
+            pipe.hkeys(self._key("live"))
+            synced, live = pipe.execute()
+        waiting = [n.decode() for n in live if int(synced.get(n, 0)) < seq]
+        waiting = [n for n in waiting if n != self.replica]  # our own counts are read fresh
+        if not waiting:
+            return []
+        with self.client.pipeline(transaction=False) as pipe:
+            for name in waiting:
+                pipe.exists(self._key("alive", name))
+            alive = pipe.execute()
+        return [name for name, up in zip(waiting, alive, strict=True) if up]
+
     # --- publishing ---------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -121,11 +162,21 @@ class FleetStats:
                 self.publish()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.settings.publish_interval_s):
+        channel: Any = None
+        due = time.monotonic() + self.settings.publish_interval_s
+        while not self._stop.is_set():
             try:
+                if channel is None:
+                    channel = self.client.pubsub(ignore_subscribe_messages=True)
+                    channel.subscribe(self._key("sync"))
+                asked = self._wait(channel, due)
+                if self._stop.is_set():
+                    break
                 if self._lead():
                     self.publish()
-                    self.retire_silent()
+                    if not asked:
+                        self.retire_silent()
+                due = time.monotonic() + self.settings.publish_interval_s
                 if self._failing:
                     log.info("publishing statistics to Redis again")
                     self._failing = False
@@ -133,6 +184,21 @@ class FleetStats:
                 if not self._failing:
                     log.exception("publishing statistics to Redis failed; retrying")
                     self._failing = True
+                if channel is not None:
+                    channel.close()
+                    channel = None
+                self._stop.wait(self.settings.publish_interval_s)
+        if channel is not None:
+            channel.close()
+
+    def _wait(self, channel: Any, due: float) -> bool:
+        """Until `due`, or until a replica asks for a sync (then True)."""
+        asked = False
+        while not asked and not self._stop.is_set() and (left := due - time.monotonic()) > 0:
+            asked = channel.get_message(timeout=min(left, 0.5)) is not None  # stop() waits
+        while channel.get_message(timeout=0) is not None:  # one publish answers them all
+            asked = True
+        return asked
 
     def _lead(self) -> bool:
         """Whether this worker publishes for its replica (one worker does; another takes over
@@ -150,6 +216,9 @@ class FleetStats:
         """Publish this replica's counts (minus whatever of them was already retired)."""
         import redis
 
+        # the sync request this publish answers, read before the counts so they include everything
+        # served before the request
+        seq = int(self.client.get(self._key("sync")) or 0)
         local = vm.collect(self.families())
         gone_key = self._key("gone", self.replica)
         while True:
@@ -166,6 +235,7 @@ class FleetStats:
                         1,
                         px=int(self.settings.replica_timeout_s * 1000),
                     )
+                    pipe.hset(self._key("synced"), self.replica, seq)
                     if gone:
                         pipe.expire(gone_key, GONE_TTL_S)
                     pipe.execute()
@@ -205,6 +275,7 @@ class FleetStats:
                     pipe.set(retired, _dumps(vm.combine_all(total, entry)))
                     pipe.set(gone, _dumps(vm.combine_all(before, entry)), ex=GONE_TTL_S)
                     pipe.hdel(live, name)
+                    pipe.hdel(self._key("synced"), name)
                     pipe.execute()
                     log.info("replica %s stopped publishing; its counts are retired", name)
                     return True

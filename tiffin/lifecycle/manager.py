@@ -273,7 +273,7 @@ class LifecycleManager:
                 traffic.weights = (
                     {stable: 100 - first, version: first} if first < 100 else {version: 100}
                 )
-                deployment.baseline = self.stats.snapshot(family, [stable, version])
+                deployment.baseline = self.stats.snapshot(family, [stable, version], fresh=True)
                 deployment.transitions.append(Transition(event="step", detail={"weight": first}))
             state.deployments.append(deployment)
             del state.deployments[:-100]
@@ -373,7 +373,9 @@ class LifecycleManager:
                 else {d.target_version: 100}
             )
             d.step_started_at = time.time()
-            d.baseline = self.stats.snapshot(d.family, [d.stable_version, d.target_version])
+            d.baseline = self.stats.snapshot(
+                d.family, [d.stable_version, d.target_version], fresh=True
+            )
             d.transitions.append(Transition(event="step", detail={"weight": weight, **stats}))
             state.log("deploy_step", family=d.family, id=d.id, weight=weight)
 
@@ -419,18 +421,18 @@ class LifecycleManager:
             traffic = state.family(family)
             test.previous_weights = dict(traffic.weights) or self.weights(family)
             traffic.weights = {version_a: 100 - share_b, version_b: share_b}
-            test.baseline = self.stats.snapshot(family, [version_a, version_b])
+            test.baseline = self.stats.snapshot(family, [version_a, version_b], fresh=True)
             state.ab_tests[test_id] = test
             state.log("ab_test_started", test_id=test_id, family=family)
 
         self.commit(mutate)
         return test
 
-    def ab_result(self, test: ABTest) -> dict[str, Any]:
+    def ab_result(self, test: ABTest, fresh: bool = False) -> dict[str, Any]:
         if test.final_result is not None:
             return test.final_result
         (family, a), (_, b) = split_id(test.model_a), split_id(test.model_b)
-        now = self.stats.snapshot(family, [a, b])
+        now = self.stats.snapshot(family, [a, b], fresh)
         arm_a = vm.delta(now.get(a, vm.empty()), test.baseline.get(a))
         arm_b = vm.delta(now.get(b, vm.empty()), test.baseline.get(b))
         from tiffin.lifecycle.ab_stats import compare
@@ -441,7 +443,7 @@ class LifecycleManager:
         current = self.state.ab_tests.get(test_id) or self.backend.load().ab_tests.get(test_id)
         if current is None:
             raise ModelNotFound(f"A/B test {test_id!r} does not exist")
-        result = self.ab_result(current)
+        result = self.ab_result(current, fresh=True)
 
         def mutate(state: TrafficState) -> ABTest:
             test = state.ab_tests[test_id]
