@@ -31,7 +31,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,7 +43,7 @@ log = logging.getLogger("tiffin.lifecycle")
 # A paused replica that comes back within this long is not counted twice; keys of replicas that
 # are gone for good disappear after it.
 GONE_TTL_S = 7 * 24 * 3600
-Families = Callable[[], Iterable[Any]]
+Counts = Callable[[], vm.Snapshots]
 
 
 class VersionStats(Protocol):
@@ -63,12 +63,12 @@ class VersionStats(Protocol):
 class LocalStats:
     """This replica's own counts: one host without Redis."""
 
-    families: Families = vm.local_families
+    counts: Counts = field(default_factory=vm.local_counts)
 
     def snapshot(
         self, model: str, versions: list[str] | None = None, fresh: bool = False
     ) -> dict[str, vm.Snapshot]:
-        return vm.collect(self.families(), model, versions).get(model, {})
+        return _only(self.counts().get(model, {}), versions)
 
     def start(self) -> None:
         pass
@@ -85,7 +85,7 @@ class FleetStats:
     prefix: str
     replica: str
     settings: MetricsSettings
-    families: Families = vm.local_families
+    counts: Counts = field(default_factory=vm.local_counts)
     worker: str = field(default_factory=lambda: str(os.getpid()))
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -101,7 +101,7 @@ class FleetStats:
     ) -> dict[str, vm.Snapshot]:
         if fresh:
             self.sync()
-        local = vm.collect(self.families(), model, versions).get(model, {})
+        local = _only(self.counts().get(model, {}), versions)
         with self.client.pipeline() as pipe:  # one transaction: a consistent cut
             pipe.hgetall(self._key("live"))
             pipe.get(self._key("retired"))
@@ -219,7 +219,7 @@ class FleetStats:
         # the sync request this publish answers, read before the counts so they include everything
         # served before the request
         seq = int(self.client.get(self._key("sync")) or 0)
-        local = vm.collect(self.families())
+        local = self.counts()
         gone_key = self._key("gone", self.replica)
         while True:
             with self.client.pipeline() as pipe:
@@ -295,6 +295,10 @@ def open_stats(
             settings or MetricsSettings(),
         )
     return LocalStats()
+
+
+def _only(snaps: dict[str, vm.Snapshot], versions: list[str] | None) -> dict[str, vm.Snapshot]:
+    return snaps if versions is None else {v: s for v, s in snaps.items() if v in versions}
 
 
 def _dumps(snaps: vm.Snapshots) -> str:
