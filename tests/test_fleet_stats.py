@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from tests.conftest import REPO, RedisServer, wait_for
 from tiffin.lifecycle import stats as vm
-from tiffin.lifecycle.fleet import FleetStats, LocalStats, open_stats
+from tiffin.lifecycle.fleet import FleetStats, LocalStats, StatsUnavailable, open_stats
 from tiffin.lifecycle.traffic import FileStateBackend, RedisStateBackend, TrafficSettings
 from tiffin.metrics import LATENCY_BUCKETS, SCORE_BUCKETS
 from tiffin.replica import MetricsSettings, remove_stale_dirs, replica_id, use_own_metrics_dir
@@ -118,8 +118,8 @@ def test_one_worker_per_replica_publishes_on_its_own_thread(redis_url: str, pref
         first.serve("v1.0", 12)
         wait_for(lambda: reader.requests_of("v1.0") == 12, 5, "the published counts")
         client = redis.Redis.from_url(redis_url)
-        holder = client.get(f"{prefix}:publisher:r")
-        assert holder in (first.fleet.worker.encode(), b"other-worker")
+        workers = (first.fleet.worker.encode(), b"other-worker")
+        wait_for(lambda: client.get(f"{prefix}:publisher:r") in workers, 5, "the lease")
     finally:
         first.fleet.stop()
         second.fleet.stop()
@@ -146,19 +146,37 @@ def test_records_kept_include_what_other_replicas_just_served(redis_url: str, pr
         busy.fleet.stop()
 
 
+def test_a_redis_outage_is_an_error_not_a_partial_answer_and_publishing_resumes() -> None:
+    server = RedisServer().start()
+    a, b = Replica(server.url, "outage", "a"), Replica(server.url, "outage", "b")
+    a.fleet.start()
+    try:
+        a.serve("v1.0", 3)
+        wait_for(lambda: b.requests_of("v1.0") == 3, 5, "the first publish")
+        server.stop()
+        with pytest.raises(StatsUnavailable, match="unavailable"):
+            b.fleet.snapshot(MODEL)
+        time.sleep(0.3)  # a's publisher fails meanwhile
+        server.start()  # empty: nothing was persisted
+        a.serve("v1.0", 2)
+        wait_for(lambda: b.requests_of("v1.0") == 5, 5, "publishing after the outage")
+    finally:
+        a.fleet.stop()
+        server.stop()
+
+
 def test_a_restarted_replica_never_lowers_the_totals(redis_url: str, prefix: str) -> None:
-    old, other = Replica(redis_url, prefix, "old", 0.3), Replica(redis_url, prefix, "other", 0.3)
+    # only the replica that goes silent has a short timeout: a busy CI box may pause the others
+    old, other = Replica(redis_url, prefix, "old", 0.3), Replica(redis_url, prefix, "other")
     old.serve("v2.0", 50)
     old.fleet.publish()
     other.fleet.publish()
     baseline = other.fleet.snapshot(MODEL)
-    new = Replica(redis_url, prefix, "new", 0.3)  # the restart: a new id, counting from zero
+    new = Replica(redis_url, prefix, "new")  # the restart: a new id, counting from zero
     new.serve("v2.0", 7)
     new.fleet.publish()
     assert other.requests_of("v2.0") == 57
     time.sleep(0.4)
-    other.fleet.publish()
-    new.fleet.publish()
     assert other.fleet.retire_silent() == ["old"]
     assert other.requests_of("v2.0") == new.requests_of("v2.0") == 57
     since = vm.delta(other.fleet.snapshot(MODEL)["v2.0"], baseline["v2.0"])
@@ -169,7 +187,7 @@ def test_a_dead_replica_is_retired_exactly_once(redis_url: str, prefix: str) -> 
     dead = Replica(redis_url, prefix, "dead", 0.2)
     dead.serve("v1.0", 40)
     dead.fleet.publish()
-    survivors = [Replica(redis_url, prefix, f"s{i}", 0.2) for i in range(4)]
+    survivors = [Replica(redis_url, prefix, f"s{i}") for i in range(4)]
     time.sleep(0.3)
     retired: list[str] = []
 
@@ -188,12 +206,11 @@ def test_a_dead_replica_is_retired_exactly_once(redis_url: str, prefix: str) -> 
 
 
 def test_a_paused_replica_that_comes_back_is_not_counted_twice(redis_url: str, prefix: str) -> None:
-    paused, other = Replica(redis_url, prefix, "p", 0.2), Replica(redis_url, prefix, "o", 0.2)
+    paused, other = Replica(redis_url, prefix, "p", 0.2), Replica(redis_url, prefix, "o")
     paused.serve("v1.0", 30)
     paused.fleet.publish()
     for extra in (5, 2):  # paused past the timeout twice
         time.sleep(0.3)
-        other.fleet.publish()
         assert other.fleet.retire_silent() == ["p"]
         paused.serve("v1.0", extra)
         assert paused.requests_of("v1.0") == other.requests_of("v1.0") + extra

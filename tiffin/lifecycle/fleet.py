@@ -33,8 +33,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, Protocol
 
+from tiffin.errors import TiffinError
 from tiffin.lifecycle import stats as vm
 from tiffin.lifecycle.traffic import RedisStateBackend, StateBackend
 from tiffin.replica import MetricsSettings, replica_id
@@ -44,6 +46,12 @@ log = logging.getLogger("tiffin.lifecycle")
 # are gone for good disappear after it.
 GONE_TTL_S = 7 * 24 * 3600
 Counts = Callable[[], vm.Snapshots]
+
+
+class StatsUnavailable(TiffinError):
+    """Redis, which holds the other replicas' counts, cannot be reached."""
+
+    error_code = HTTPStatus.SERVICE_UNAVAILABLE
 
 
 class VersionStats(Protocol):
@@ -99,14 +107,20 @@ class FleetStats:
     def snapshot(
         self, model: str, versions: list[str] | None = None, fresh: bool = False
     ) -> dict[str, vm.Snapshot]:
-        if fresh:
-            self.sync()
-        local = _only(self.counts().get(model, {}), versions)
-        with self.client.pipeline() as pipe:  # one transaction: a consistent cut
-            pipe.hgetall(self._key("live"))
-            pipe.get(self._key("retired"))
-            pipe.get(self._key("gone", self.replica))
-            live, retired, gone = pipe.execute()
+        import redis
+
+        try:
+            if fresh:
+                self.sync()
+            local = _only(self.counts().get(model, {}), versions)
+            with self.client.pipeline() as pipe:  # one transaction: a consistent cut
+                pipe.hgetall(self._key("live"))
+                pipe.get(self._key("retired"))
+                pipe.get(self._key("gone", self.replica))
+                live, retired, gone = pipe.execute()
+        except redis.RedisError as exc:
+            # no answer rather than one replica's slice presented as everyone's
+            raise StatsUnavailable(f"other replicas' statistics are unavailable: {exc}") from exc
         parts = [_loads(retired)]
         parts += [_loads(raw) for name, raw in live.items() if name.decode() != self.replica]
         total: dict[str, vm.Snapshot] = {}
