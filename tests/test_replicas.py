@@ -31,6 +31,8 @@ ENV = {
     "TIFFIN_TRAFFIC_POLL_INTERVAL_S": "0.1",
     "TIFFIN_METRICS_PUBLISH_INTERVAL_S": "0.25",
 }
+# versions of their own: the model store is shared with the other end-to-end modules
+V2, BROKEN = "v2.1-fleet", "v9-fleet-broken"
 SHARES = (7, 2, 1)  # of every 10 client requests, per replica
 
 
@@ -134,7 +136,7 @@ def test_every_replica_reports_what_clients_were_served(fleet: Fleet) -> None:
         "/models/register",
         {
             "name": "card_fraud",
-            "version": "v2.0",
+            "version": V2,
             "artifact_base64": card_fraud_artifact(),
             "filename": "model.json",
             "feature_names": list(CARD_FRAUD_FEATURES),
@@ -142,12 +144,12 @@ def test_every_replica_reports_what_clients_were_served(fleet: Fleet) -> None:
         },
     )
     assert registered.status_code == 201, registered.text
-    split = fleet.admin(1, "/v1/traffic-split?model=card_fraud", {"v1.0": 80, "v2.0": 20})
+    split = fleet.admin(1, "/v1/traffic-split?model=card_fraud", {"v1.0": 80, V2: 20})
     assert split.status_code == 200, split.text
     fleet.load(1000)
     assert fleet.failures == []
-    assert fleet.answers["v2.0"] > 100
-    for version in ("v1.0", "v2.0"):
+    assert fleet.answers[V2] > 100
+    for version in ("v1.0", V2):
         path = f"/v1/metrics/{version}?model=card_fraud"
         seen = fleet.agree(path, fleet.answers[version], "requests")
         assert seen == [fleet.answers[version]] * 3, (version, seen, fleet.answers)
@@ -161,7 +163,7 @@ def test_broken_canary_through_one_replica_is_rolled_back_once_everywhere(fleet:
         "/models/register",
         {
             "name": "card_fraud",
-            "version": "v9-broken",
+            "version": BROKEN,
             "artifact_base64": broken_onnx(),
             "filename": "model.onnx",
             "feature_names": list(CARD_FRAUD_FEATURES),
@@ -171,7 +173,7 @@ def test_broken_canary_through_one_replica_is_rolled_back_once_everywhere(fleet:
     assert registered.status_code == 201, registered.text
     deploy = fleet.admin(
         2,
-        "/models/card_fraud:v9-broken/deploy",
+        f"/models/card_fraud:{BROKEN}/deploy",
         {
             "strategy": "canary",
             "steps": [50, 100],
@@ -184,7 +186,7 @@ def test_broken_canary_through_one_replica_is_rolled_back_once_everywhere(fleet:
     status, n, deadline = "in_progress", 0, time.monotonic() + 45
     while status == "in_progress" and time.monotonic() < deadline and n < 3000:
         for _ in range(20):
-            assert fleet.score(n) != "v9-broken"
+            assert fleet.score(n) != BROKEN
             n += 1
         status = fleet.clients[0].get(deployment).json()["status"]
     assert fleet.failures == []  # the canary's failures were answered by the stable version
@@ -197,7 +199,7 @@ def test_broken_canary_through_one_replica_is_rolled_back_once_everywhere(fleet:
         assert len(rollbacks) == 1
     assert fleet.agree("/v1/traffic-split?model=card_fraud", {"v1.0": 100}) == [{"v1.0": 100}] * 3
     errors = eventually(
-        lambda: [e["errors"] for e in fleet.every("/v1/metrics/v9-broken?model=card_fraud")],
+        lambda: [e["errors"] for e in fleet.every(f"/v1/metrics/{BROKEN}?model=card_fraud")],
         lambda got: len(set(got)) == 1,
     )
     assert errors[0] >= 10 and errors == [errors[0]] * 3, errors
@@ -211,7 +213,7 @@ def test_ab_test_counts_every_replicas_requests(fleet: Fleet) -> None:
         {
             "test_id": "fleet-ab",
             "model_a": "card_fraud:v1.0",
-            "model_b": "card_fraud:v2.0",
+            "model_b": f"card_fraud:{V2}",
             "traffic_split": 0.4,
             "duration_hours": 1,
             "success_metrics": ["error_rate", "response_time"],
@@ -223,7 +225,7 @@ def test_ab_test_counts_every_replicas_requests(fleet: Fleet) -> None:
     assert fleet.failures == []
     served = {
         "a": fleet.answers["v1.0"] - before["v1.0"],
-        "b": fleet.answers["v2.0"] - before["v2.0"],
+        "b": fleet.answers[V2] - before[V2],
     }
     assert served["a"] >= 100 and served["b"] >= 100
 
