@@ -17,33 +17,22 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import REGISTRY
 
-from tiffin.metrics import LATENCY_BUCKETS, SCORE_BUCKETS, metrics
+from tiffin.metrics import LATENCY_BUCKETS, SCORE_BUCKETS
 
 Snapshot = dict[str, Any]
 Snapshots = dict[str, dict[str, Snapshot]]
 """model -> version -> snapshot"""
 
 
-def local_families() -> list[Any]:
-    """This replica's metric families: every worker's, via the multiprocess directory."""
-    metrics()  # make sure the metrics exist in this process
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
-
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return list(registry.collect())
-    return list(REGISTRY.collect())
-
-
 def local_counts() -> Callable[[], Snapshots]:
-    """A reader of this replica's counts per model and version, every worker's."""
+    """A reader of this replica's counts per model and version: every worker's, from the
+    multiprocess directory BentoML gives the workers, else this process's own."""
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory:
         return ReplicaFiles(directory)
-    return lambda: collect(local_families())
+    return lambda: collect(REGISTRY.collect())
 
 
 # Where each multiprocess sample goes in a Snapshot: (field, histogram bounds or None).
@@ -128,12 +117,6 @@ def empty() -> Snapshot:
         "score_sum": 0.0,
         "score_count": 0.0,
     }
-
-
-def snapshot(model: str, versions: list[str] | None = None) -> dict[str, Snapshot]:
-    """This replica's cumulative counts per version of `model`: ok/error requests, latency and
-    score buckets."""
-    return collect(local_families(), model, versions).get(model, {})
 
 
 def collect(
