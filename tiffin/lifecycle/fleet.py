@@ -172,8 +172,11 @@ class FleetStats:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-            if self._lead():  # the last interval too, when shutting down cleanly
-                self.publish()
+            try:
+                if self._lead():  # the last interval too, when shutting down cleanly
+                    self.publish()
+            except Exception:  # shutting down regardless: retirement keeps the earlier counts
+                log.warning("final statistics publish failed", exc_info=True)
 
     def _run(self) -> None:
         channel: Any = None
