@@ -35,9 +35,12 @@ from tiffin.composition import Worker, compose
 from tiffin.lifecycle.traffic import TrafficSettings
 from tiffin.llm.settings import llm_settings
 from tiffin.ops import not_ready
+from tiffin.replica import MetricsSettings, use_own_metrics_dir
 from tiffin.settings import feature_store_settings, model_settings, server_settings
 from tiffin.topology import RUNNER_NAMES, TopologySettings, package_models, runner
 
+# before BentoML prepares (and empties) the Prometheus directory: one per `bentoml serve`
+use_own_metrics_dir(MetricsSettings())
 SERVER = server_settings()
 TOPOLOGY = TopologySettings()
 LLM = llm_settings()

@@ -13,16 +13,20 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tiffin.auth import AuthError, AuthSettings, authorize, check_startup, mint
+from tiffin.errors import ModelNotFound
 from tiffin.lifecycle import stats as vm
 from tiffin.lifecycle.ab_stats import compare
-from tiffin.lifecycle.manager import breach, split_id
+from tiffin.lifecycle.manager import LifecycleManager, breach, split_id
 from tiffin.lifecycle.traffic import (
     FileStateBackend,
     Thresholds,
+    TrafficSettings,
     pick_version,
     sticky_bucket,
     validate_weights,
 )
+from tiffin.model_pool import ModelPool
+from tiffin.runtimes import LoadedModel
 
 
 def test_weighted_buckets_split_exactly_and_stick() -> None:
@@ -78,6 +82,46 @@ def test_file_backend_acks_expire_and_lease_is_exclusive(tmp_path) -> None:
     time.sleep(0.4)
     assert backend.acks() == {}
     assert backend.try_lead("a", 5) and not backend.try_lead("b", 5) and backend.try_lead("a", 5)
+
+
+class GatedPool(ModelPool):
+    """A pool whose load of version "slow" waits until the test lets it go on."""
+
+    def __init__(self) -> None:
+        super().__init__("gated", "v1")
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def load(self, version: str) -> LoadedModel:
+        if version == "slow":
+            self.entered.set()
+            self.release.wait(10)
+        return super().load(version)  # not in the model store: the version is not routed
+
+
+def test_concurrent_refreshes_never_apply_an_older_revision_last(tmp_path) -> None:
+    backend = FileStateBackend(str(tmp_path), ack_ttl_s=30)
+    pool = GatedPool()
+
+    def pool_of(family: str) -> ModelPool:
+        if family != pool.family:
+            raise ModelNotFound(family)
+        return pool
+
+    manager = LifecycleManager(pool_of, backend, TrafficSettings())
+    backend.update(lambda s: s.family("gated").__setattr__("weights", {"slow": 100}))
+    slow = threading.Thread(target=manager.refresh)  # the background tick, loading a version
+    slow.start()
+    assert pool.entered.wait(10)
+    backend.update(lambda s: s.family("gated").__setattr__("weights", {"fast": 100}))
+    admin = threading.Thread(target=manager.refresh)  # an admin call's wait_for_acks
+    admin.start()
+    time.sleep(0.3)
+    pool.release.set()
+    slow.join(10)
+    admin.join(10)
+    assert manager.applied_revision == backend.revision() == 2
+    assert manager.state.families["gated"].weights == {"fast": 100}
+    assert backend.acks() == {manager.worker_id: 2}
 
 
 def _snap(ok: int, err: int, latency_s: float, score: float) -> vm.Snapshot:

@@ -237,7 +237,9 @@ async def version_metrics(request: Request) -> Any:
         raise ModelNotFound(f"model {family!r} is not in the model store")
     if not model_store.exists(family, version):
         raise ModelNotFound(f"version {version!r} of model {family!r} does not exist")
-    snap = vm.snapshot(family, [version]).get(version, vm.empty())
+    # other replicas' counts come from Redis: off the event loop
+    snaps = await _thread(lifecycle.stats.snapshot, family, [version])
+    snap = snaps.get(version, vm.empty())
     return {
         "model": family,
         "version": version,
@@ -286,11 +288,14 @@ async def start_ab(request: Request) -> Any:
 
 async def list_ab(request: Request) -> Any:
     lifecycle = _lifecycle(request)
-    tests = [
-        {**t.model_dump(exclude={"baseline", "final_result"}), "result": lifecycle.ab_result(t)}
-        for t in lifecycle.state.ab_tests.values()
-    ]
-    return {"tests": tests}
+
+    def tests() -> list[dict[str, Any]]:  # results read every replica's counts from Redis
+        return [
+            {**t.model_dump(exclude={"baseline", "final_result"}), "result": lifecycle.ab_result(t)}
+            for t in lifecycle.state.ab_tests.values()
+        ]
+
+    return {"tests": await _thread(tests)}
 
 
 async def stop_ab(request: Request) -> Any:

@@ -23,6 +23,7 @@ import anyio
 from tiffin.auth import AuthSettings
 from tiffin.families import Families, Family, LocalFamily, RemoteFamily, RunnerClient
 from tiffin.feature_store import EmbeddedFeatureStore, FeatureStore, open_store
+from tiffin.lifecycle.fleet import open_stats
 from tiffin.lifecycle.manager import LifecycleManager
 from tiffin.lifecycle.router import Router
 from tiffin.lifecycle.traffic import TrafficSettings, open_backend
@@ -200,9 +201,9 @@ def compose(
     )
     for name in _generic_defaults(runners["generic"]):
         families.get(name)  # the generic runner's packaged families are served from the start
-    lifecycle = LifecycleManager(
-        families, open_backend(feature_store.resolved_url(), traffic), traffic
-    ).start()
+    backend = open_backend(feature_store.resolved_url(), traffic)
+    # per-version statistics summed over every replica on the backend (tiffin/lifecycle/fleet.py)
+    lifecycle = LifecycleManager(families, backend, traffic, open_stats(backend)).start()
     router = Router(families, lifecycle)
     llm, forwarded = compose_llm(runners["llm"], llm_settings)
     explainer: Explainer

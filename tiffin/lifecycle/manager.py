@@ -22,6 +22,7 @@ from typing import Any
 from tiffin.errors import Conflict, InvalidInput, ModelLoadError, ModelNotFound
 from tiffin.families import Families, Family
 from tiffin.lifecycle import stats as vm
+from tiffin.lifecycle.fleet import LocalStats, VersionStats
 from tiffin.lifecycle.traffic import (
     ABTest,
     Deployment,
@@ -50,6 +51,7 @@ class LifecycleManager:
     families: Families
     backend: StateBackend
     settings: TrafficSettings
+    stats: VersionStats = field(default_factory=LocalStats)
     worker_id: str = field(default_factory=lambda: f"{os.getpid()}-{uuid.uuid4().hex[:6]}")
     routes: dict[str, Route] = field(default_factory=dict)
     state: TrafficState = field(default_factory=TrafficState)
@@ -58,6 +60,9 @@ class LifecycleManager:
     _reload_tokens: dict[str, int] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    # refresh runs on the background thread and in admin calls (wait_for_acks): unserialized, an
+    # older revision applied last would win and be acknowledged
+    _refresh_lock: threading.Lock = field(default_factory=threading.Lock)
 
     # --- the worker loop ----------------------------------------------------------------------
 
@@ -65,10 +70,12 @@ class LifecycleManager:
         self.refresh()
         self._thread = threading.Thread(target=self._run, name="tiffin-lifecycle", daemon=True)
         self._thread.start()
+        self.stats.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
+        self.stats.stop()
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.poll_interval_s):
@@ -80,9 +87,10 @@ class LifecycleManager:
                 log.exception("lifecycle tick failed")
 
     def refresh(self) -> None:
-        if self.backend.revision() != self.applied_revision:
-            self._apply(self.backend.load())
-        self.backend.ack(self.worker_id, self.applied_revision)
+        with self._refresh_lock:
+            if self.backend.revision() != self.applied_revision:
+                self._apply(self.backend.load())
+            self.backend.ack(self.worker_id, self.applied_revision)
 
     def _apply(self, state: TrafficState) -> None:
         routes: dict[str, Route] = {}
@@ -254,7 +262,7 @@ class LifecycleManager:
                 traffic.weights = (
                     {stable: 100 - first, version: first} if first < 100 else {version: 100}
                 )
-                deployment.baseline = vm.snapshot(family, [stable, version])
+                deployment.baseline = self.stats.snapshot(family, [stable, version], fresh=True)
                 deployment.transitions.append(Transition(event="step", detail={"weight": first}))
             state.deployments.append(deployment)
             del state.deployments[:-100]
@@ -314,7 +322,7 @@ class LifecycleManager:
             deployment.target_version,
             deployment.stable_version,
         )
-        now = vm.snapshot(family, [target, stable])
+        now = self.stats.snapshot(family, [target, stable])
         canary = vm.delta(now.get(target, vm.empty()), deployment.baseline.get(target))
         base = vm.delta(now.get(stable, vm.empty()), deployment.baseline.get(stable))
         verdict = breach(canary, base, deployment.thresholds)
@@ -354,7 +362,9 @@ class LifecycleManager:
                 else {d.target_version: 100}
             )
             d.step_started_at = time.time()
-            d.baseline = vm.snapshot(d.family, [d.stable_version, d.target_version])
+            d.baseline = self.stats.snapshot(
+                d.family, [d.stable_version, d.target_version], fresh=True
+            )
             d.transitions.append(Transition(event="step", detail={"weight": weight, **stats}))
             state.log("deploy_step", family=d.family, id=d.id, weight=weight)
 
@@ -400,18 +410,18 @@ class LifecycleManager:
             traffic = state.family(family)
             test.previous_weights = dict(traffic.weights) or self.weights(family)
             traffic.weights = {version_a: 100 - share_b, version_b: share_b}
-            test.baseline = vm.snapshot(family, [version_a, version_b])
+            test.baseline = self.stats.snapshot(family, [version_a, version_b], fresh=True)
             state.ab_tests[test_id] = test
             state.log("ab_test_started", test_id=test_id, family=family)
 
         self.commit(mutate)
         return test
 
-    def ab_result(self, test: ABTest) -> dict[str, Any]:
+    def ab_result(self, test: ABTest, fresh: bool = False) -> dict[str, Any]:
         if test.final_result is not None:
             return test.final_result
         (family, a), (_, b) = split_id(test.model_a), split_id(test.model_b)
-        now = vm.snapshot(family, [a, b])
+        now = self.stats.snapshot(family, [a, b], fresh)
         arm_a = vm.delta(now.get(a, vm.empty()), test.baseline.get(a))
         arm_b = vm.delta(now.get(b, vm.empty()), test.baseline.get(b))
         from tiffin.lifecycle.ab_stats import compare
@@ -422,7 +432,7 @@ class LifecycleManager:
         current = self.state.ab_tests.get(test_id) or self.backend.load().ab_tests.get(test_id)
         if current is None:
             raise ModelNotFound(f"A/B test {test_id!r} does not exist")
-        result = self.ab_result(current)
+        result = self.ab_result(current, fresh=True)
 
         def mutate(state: TrafficState) -> ABTest:
             test = state.ab_tests[test_id]

@@ -1,32 +1,110 @@
 """Per-version statistics read back from the Prometheus metrics every worker writes.
 
-The same numbers `/metrics` exposes (all workers of this host, via the multiprocess directory)
-feed `/v1/metrics/{version}`, canary analysis and A/B tests, so there is one source of truth.
-Snapshots are cumulative; analyses subtract a baseline snapshot taken at the window's start.
+The same numbers `/metrics` exposes (every worker of this replica, via its multiprocess directory)
+are what each replica contributes to `/v1/metrics/{version}`, canary analysis and A/B tests, so
+there is one source of truth; `tiffin.lifecycle.fleet` sums the replicas. Snapshots are
+cumulative; analyses subtract a baseline snapshot taken at the window's start.
 """
 
 from __future__ import annotations
 
+import glob
+import itertools
+import json
 import math
 import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import REGISTRY
 
-from tiffin.metrics import LATENCY_BUCKETS, SCORE_BUCKETS, metrics
+from tiffin.metrics import LATENCY_BUCKETS, SCORE_BUCKETS
 
 Snapshot = dict[str, Any]
+Snapshots = dict[str, dict[str, Snapshot]]
+"""model -> version -> snapshot"""
 
 
-def _families() -> list[Any]:
-    metrics()  # make sure the metrics exist in this process
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
+def local_counts() -> Callable[[], Snapshots]:
+    """A reader of this replica's counts per model and version: every worker's, from the
+    multiprocess directory BentoML gives the workers, else this process's own."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        return ReplicaFiles(directory)
+    return lambda: collect(REGISTRY.collect())
 
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return list(registry.collect())
-    return list(REGISTRY.collect())
+
+# Where each multiprocess sample goes in a Snapshot: (field, histogram bounds or None).
+_FIELDS: dict[str, tuple[str, tuple[float, ...] | None]] = {
+    "ml_inference_duration_seconds_bucket": ("latency", LATENCY_BUCKETS),
+    "ml_inference_duration_seconds_sum": ("latency_sum", None),
+    "prediction_scores_bucket": ("scores", SCORE_BUCKETS),
+    "prediction_scores_sum": ("score_sum", None),
+}
+
+
+@dataclass
+class ReplicaFiles:
+    """The counts `collect` finds, read straight from a Prometheus multiprocess directory.
+
+    Every replica reads its own each publish interval. `MultiProcessCollector` parses every
+    sample's key as JSON and builds every metric family on each read (~20 ms for 7 models x 3
+    versions on one worker's files); this parses a key once, skips the metrics lifecycle
+    decisions do not use, and reads in ~1 ms.
+    """
+
+    directory: str
+    # raw key -> (model, version, field, bucket index or -1); None: not a lifecycle sample
+    _keys: dict[str, tuple[str, str, str, int] | None] = field(default_factory=dict)
+
+    def __call__(self) -> Snapshots:
+        from prometheus_client.mmap_dict import MmapedDict
+
+        out: Snapshots = {}
+        paths = glob.glob(os.path.join(self.directory, "counter_*.db"))
+        paths += glob.glob(os.path.join(self.directory, "histogram_*.db"))
+        for path in paths:
+            try:
+                values = MmapedDict.read_all_values_from_file(path)
+            except FileNotFoundError:
+                continue
+            for key, value, _, _ in values:
+                if key in self._keys:
+                    target = self._keys[key]
+                else:
+                    target = self._keys[key] = _target(key)
+                if target is None:
+                    continue
+                model, version, name, index = target
+                versions = out.setdefault(model, {})
+                snap = versions.get(version) or versions.setdefault(version, empty())
+                if index < 0:
+                    snap[name] += value
+                else:
+                    snap[name][index] += value
+        for versions in out.values():  # the files hold per-bucket counts: cumulate them
+            for snap in versions.values():
+                snap["latency"] = list(itertools.accumulate(snap["latency"]))
+                snap["scores"] = list(itertools.accumulate(snap["scores"]))
+                snap["score_count"] = snap["scores"][-1]
+        return out
+
+
+def _target(key: str) -> tuple[str, str, str, int] | None:
+    _, name, labels, _ = json.loads(key)
+    if "model" not in labels:
+        return None
+    model, version = labels["model"], labels.get("version", "")
+    if name == "ml_inference_requests_total":
+        return model, version, "ok" if labels.get("status") == "success" else "error", -1
+    if name not in _FIELDS:
+        return None
+    field_name, bounds = _FIELDS[name]
+    if bounds is None:
+        return model, version, field_name, -1
+    le = labels["le"]
+    return model, version, field_name, len(bounds) if le == "+Inf" else bounds.index(float(le))
 
 
 def empty() -> Snapshot:
@@ -41,38 +119,62 @@ def empty() -> Snapshot:
     }
 
 
-def snapshot(model: str, versions: list[str] | None = None) -> dict[str, Snapshot]:
-    """Cumulative counts per version of `model`: ok/error requests, latency and score buckets."""
-    out: dict[str, Snapshot] = {}
+def collect(
+    families: Iterable[Any], model: str | None = None, versions: list[str] | None = None
+) -> Snapshots:
+    """Per model and version snapshots from metric families (every model when `model` is None)."""
+    out: Snapshots = {}
 
-    def slot(version: str) -> Snapshot:
-        if version not in out:
-            out[version] = empty()
-        return out[version]
+    def slot(labels: dict[str, str]) -> Snapshot:
+        versions_of = out.setdefault(labels["model"], {})
+        version = labels.get("version", "")
+        if version not in versions_of:
+            versions_of[version] = empty()
+        return versions_of[version]
 
-    for family in _families():
+    for family in families:
         for sample in family.samples:
             labels = sample.labels
-            if labels.get("model") != model:
+            if "model" not in labels or (model is not None and labels["model"] != model):
                 continue
-            version = labels.get("version", "")
-            if versions is not None and version not in versions:
+            if versions is not None and labels.get("version", "") not in versions:
                 continue
             name = sample.name
             if name == "ml_inference_requests_total":
-                slot(version)["ok" if labels.get("status") == "success" else "error"] += (
-                    sample.value
-                )
+                slot(labels)["ok" if labels.get("status") == "success" else "error"] += sample.value
             elif name == "ml_inference_duration_seconds_bucket":
-                _add_bucket(slot(version)["latency"], LATENCY_BUCKETS, labels["le"], sample.value)
+                _add_bucket(slot(labels)["latency"], LATENCY_BUCKETS, labels["le"], sample.value)
             elif name == "ml_inference_duration_seconds_sum":
-                slot(version)["latency_sum"] += sample.value
+                slot(labels)["latency_sum"] += sample.value
             elif name == "prediction_scores_bucket":
-                _add_bucket(slot(version)["scores"], SCORE_BUCKETS, labels["le"], sample.value)
+                _add_bucket(slot(labels)["scores"], SCORE_BUCKETS, labels["le"], sample.value)
             elif name == "prediction_scores_sum":
-                slot(version)["score_sum"] += sample.value
+                slot(labels)["score_sum"] += sample.value
             elif name == "prediction_scores_count":
-                slot(version)["score_count"] += sample.value
+                slot(labels)["score_count"] += sample.value
+    return out
+
+
+def combine(a: Snapshot, b: Snapshot, sign: float = 1.0) -> Snapshot:
+    """a + sign * b, field by field."""
+    out: Snapshot = {}
+    for key, value in a.items():
+        other = b.get(key)
+        if isinstance(value, list):
+            other = other or [0.0] * len(value)
+            out[key] = [x + sign * y for x, y in zip(value, other, strict=True)]
+        else:
+            out[key] = value + sign * (other or 0.0)
+    return out
+
+
+def combine_all(a: Snapshots, b: Snapshots, sign: float = 1.0) -> Snapshots:
+    """`combine` for every model and version of either side."""
+    out: Snapshots = {model: dict(versions) for model, versions in a.items()}
+    for model, versions in b.items():
+        mine = out.setdefault(model, {})
+        for version, snap in versions.items():
+            mine[version] = combine(mine.get(version) or empty(), snap, sign)
     return out
 
 
@@ -82,14 +184,13 @@ def _add_bucket(target: list[float], bounds: tuple[float, ...], le: str, value: 
 
 
 def delta(now: Snapshot, base: Snapshot | None) -> Snapshot:
+    """What happened since `base`. Never negative: a baseline and a later snapshot may be read on
+    different replicas, each seeing its own counts fresh and the others' up to one publish late."""
     if not base:
         return now
     out: Snapshot = {}
-    for key, value in now.items():
-        if isinstance(value, list):
-            out[key] = [a - b for a, b in zip(value, base.get(key, [0] * len(value)), strict=True)]
-        else:
-            out[key] = value - base.get(key, 0.0)
+    for key, value in combine(now, base, -1.0).items():
+        out[key] = [max(v, 0.0) for v in value] if isinstance(value, list) else max(value, 0.0)
     return out
 
 
