@@ -25,9 +25,11 @@ from tiffin.composition import compose_llm_only
 from tiffin.llm.runtime import LLM
 from tiffin.llm.settings import llm_settings
 from tiffin.ops import not_ready
+from tiffin.replica import MetricsSettings, use_own_metrics_dir
 from tiffin.settings import server_settings
 
 SETTINGS = llm_settings()
+use_own_metrics_dir(MetricsSettings())  # served on its own: its own /metrics (tiffin/replica.py)
 
 
 def packaged_llm_model() -> Any:

@@ -99,6 +99,11 @@ class ModelPool:
                 f"version {version!r} of model {self.family!r} does not exist"
             ) from exc
 
+    def predict(self, features: np.ndarray, version: str | None = None) -> np.ndarray:
+        model = self.get(version)
+        self.check_width(model, features)
+        return model.predict(np.ascontiguousarray(features, dtype=np.float32))
+
     @staticmethod
     def check_width(model: LoadedModel, features: np.ndarray) -> None:
         if features.ndim != 2 or features.shape[1] != model.n_features:

@@ -19,6 +19,7 @@ from tiffin import model_store
 from tiffin.errors import ModelNotFound
 from tiffin.families import Job, JobResult, predict_local
 from tiffin.model_pool import ModelPool
+from tiffin.replica import MetricsSettings, use_own_metrics_dir
 from tiffin.settings import server_settings
 
 
@@ -26,7 +27,9 @@ def runner_service_config() -> dict[str, Any]:
     """What every runner's `@bentoml.service` shares: one process each; BentoML's per-request
     access log and spans on or off as for the entry (they cost more CPU than a prediction does;
     docs/benchmarks.md). Metrics stay on: a runner served on its own has no other `/metrics`
-    for its model loads and predictions."""
+    for its model loads and predictions, and it gets its own Prometheus directory when it is
+    served on its own (`bentoml serve runners.x:Svc`), like the entry (tiffin/replica.py)."""
+    use_own_metrics_dir(MetricsSettings())
     server = server_settings()
     return {
         "workers": 1,
