@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -23,6 +26,7 @@ from starlette.routing import Route
 
 from tests import seed_bodies as seed
 from tests.conftest import Served, free_port, serve, stop, wait_for
+from tests.doc_snippets import doc_blocks
 from tiffin import model_store
 from tiffin.auth import mint
 from tiffin.client import (
@@ -362,3 +366,52 @@ def test_local_mode_answers_what_the_service_answers(monkeypatch, served: Served
             assert _strip(here) == _strip(there), method
         with pytest.raises(BadRequest, match="transaction_amount"):
             local.score_fraud("c", -1)
+
+
+# --- docs/client.md, executed as written ------------------------------------------------------
+
+
+def test_docs_snippets_run_as_written(served: Served, tmp_path: Path) -> None:
+    """Every python and bash block, in order, in one shell: the only change is the service's
+    address for `localhost:3000`. Tagged blocks run when what they need exists."""
+    from tests.test_cli import console_script
+
+    available = {"local": _local_app_available()}
+    available["oip"] = httpx.get(f"{served.url}/v2", timeout=10).status_code == 200
+    address = served.url.removeprefix("http://")
+    script, skipped = ["set -euo pipefail"], []
+    for language, tags, code in doc_blocks():
+        if language not in ("python", "bash"):
+            continue
+        missing = [t for t in tags if not available.get(t, False)]
+        if missing:
+            skipped.append(missing)
+            continue
+        code = code.replace("localhost:3000", address)
+        if language == "python":
+            script.append(f"\"$TIFFIN_PYTHON\" - <<'TIFFIN_DOC_EOF'\n{code}\nTIFFIN_DOC_EOF")
+        else:
+            script.append(code)
+    assert len(script) >= 7, "docs/client.md lost its examples"
+    bin_dir = Path(console_script(tmp_path)[0]).parent
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("REMOTE_INFERENCE")},
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+        "TIFFIN_PYTHON": sys.executable,
+        "JWT_SECRET_KEY": SECRET,
+        "TIFFIN_TOKEN": mint(SECRET, "admin", 600),
+        "COLUMNS": "200",
+    }
+    done = subprocess.run(
+        ["bash", "-c", "\n".join(script)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "400 transaction_amount: Input should be greater than 0" in out
+    assert "404 model_name:" in out and "no_such_model" in out
+    assert "{'v1': 90, 'v2': 10}" in out and "{'v1': 100}" in out
+    assert "species_classifier" in out and "rolled back to v1" in out
+    assert '"v1": 100' in out  # the last `tiffin split --json`
+    if skipped:
+        print(f"skipped doc blocks needing {skipped} (needs tiffin.app.local_app / V2 routes)")
