@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +45,7 @@ from tiffin.errors import TiffinError
 
 STRATEGIES = ("immediate", "canary", "blue-green", "rolling")
 TOKEN_TTL_S = 300
+PIPE_WIDTH = 160
 SUFFIX_TO_FILE = {".onnx": "model.onnx", ".json": "model.json", ".txt": "model.txt"}
 
 
@@ -56,7 +58,10 @@ class Cli:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.out = Console(soft_wrap=False)
+        # Piped or redirected output is read later or by tools: rows stay whole instead of being
+        # folded to an 80-column guess (a terminal, or COLUMNS, sets the real width).
+        wide = None if sys.stdout.isatty() or "COLUMNS" in os.environ else PIPE_WIDTH
+        self.out = Console(soft_wrap=False, width=wide)
         self.err = Console(stderr=True)
 
     # --- plumbing -----------------------------------------------------------------------------
@@ -78,8 +83,9 @@ class Cli:
 
     def table(self, title: str, *columns: str) -> Table:
         table = Table(title=title, title_justify="left", header_style="bold")
-        for column in columns:
-            table.add_column(column, overflow="fold")
+        for i, column in enumerate(columns):
+            # names and versions (the first two) stay whole; the others fold when space runs out
+            table.add_column(column, no_wrap=i < 2, overflow="fold")
         return table
 
     # --- local model store --------------------------------------------------------------------
@@ -397,7 +403,7 @@ def _names(text: str) -> list[str]:
 
 
 def _metrics(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.endswith("_bytes"))
+    return ", ".join(f"{k}={v:.3g}" for k, v in metrics.items() if not k.endswith("_bytes"))
 
 
 def _short(detail: dict[str, Any]) -> str:
@@ -582,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except TiffinClientError as exc:
         cli.err.print(f"[red]error ({exc.status}):[/] {exc.message}")
-    except (CliError, TiffinError) as exc:
+    except (CliError, TiffinError, OSError) as exc:  # OSError: a file given that cannot be read
         cli.err.print(f"[red]error:[/] {exc}")
     except KeyboardInterrupt:
         return 130

@@ -186,7 +186,10 @@ class AsyncTiffinClient:
             url, local or app is not None, timeout_s, retries, token
         )
         if self.local and transport is None:
-            transport = httpx.ASGITransport(app=app if app is not None else _local_app())
+            # raise_app_exceptions=False: an app failure is a 500 answer, exactly as over HTTP.
+            transport = httpx.ASGITransport(
+                app=app if app is not None else _local_app(), raise_app_exceptions=False
+            )
         self._http = httpx.AsyncClient(
             base_url=LOCAL_BASE_URL if self.local else self.settings.url,
             transport=transport,
