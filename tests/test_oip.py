@@ -4,8 +4,12 @@ malformed requests a well-behaved client cannot send."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -245,3 +249,31 @@ def test_the_docs_v2_example_runs_as_written(oip_url: str, capsys) -> None:
     exec(compile(code.replace("localhost:3000", oip_url), "docs/client.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "setosa" in printed and "[[" in printed
+
+
+KSERVE_PYTHON = os.environ.get("TIFFIN_KSERVE_PYTHON")
+
+
+@pytest.mark.skipif(
+    not KSERVE_PYTHON,
+    reason="set TIFFIN_KSERVE_PYTHON to a python with kserve installed (its pins on psutil and "
+    "protobuf conflict with BentoML's, so it cannot live in Tiffin's venv)",
+)
+def test_kserve_inference_rest_client(oip_url: str) -> None:
+    probe = Path(__file__).with_name("kserve_probe.py")
+    done = subprocess.run(
+        [str(KSERVE_PYTHON), str(probe), f"http://{oip_url}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert seen["live"] and seen["ready"] and seen["model_ready"]
+    assert seen["outputs"]["label"] == ["setosa", "virginica"]
+    assert seen["outputs"]["class_index"] == [0, 2]
+    errors = seen["errors"]
+    assert "404" in errors["unknown_model"] and "'nope'" in errors["unknown_model"]
+    assert "400" in errors["bad_datatype"] and "BYTES" in errors["bad_datatype"]
+    assert "400" in errors["wrong_shape"] and "[rows, 4]" in errors["wrong_shape"]
+    assert "400" in errors["unknown_input"] and "'sepal'" in errors["unknown_input"]
