@@ -277,3 +277,58 @@ def test_kserve_inference_rest_client(oip_url: str) -> None:
     assert "400" in errors["bad_datatype"] and "BYTES" in errors["bad_datatype"]
     assert "400" in errors["wrong_shape"] and "[rows, 4]" in errors["wrong_shape"]
     assert "400" in errors["unknown_input"] and "'sepal'" in errors["unknown_input"]
+
+
+class RoutedElsewhere(StoreBackend):
+    """A backend whose router answers unpinned requests with another version than the one
+    whose card describes the model (as a split or canary does)."""
+
+    def __init__(self, routed: str) -> None:
+        super().__init__()
+        self.routed = routed
+
+    async def infer(self, name: str, version: str | None, rows: np.ndarray):
+        return await super().infer(name, version or self.routed, rows)
+
+
+def test_a_routed_version_with_other_columns_gets_its_own_layout(backend: StoreBackend) -> None:
+    """Per-feature inputs are laid out for the version that answers, not the default's order."""
+    from models import importer
+    from tiffin import model_store
+
+    onnx = Path(model_store.get("species_classifier", "v1").path, "model.onnx").read_bytes()
+    names = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+    for version, order in (("r1", names), ("r2", names[::-1])):
+        if not model_store.exists("oip_reorder", version):
+            importer.import_version(
+                "oip_reorder", version, {"model.onnx": onnx},
+                {"feature_names": order, "task": "multiclass", "output_names": ["a", "b", "c"]},
+            )  # fmt: skip
+    tested = RoutedElsewhere("")
+    default = tested.versions("oip_reorder")[0]  # the newest: what card(name, None) describes
+    tested.routed = other = "r1" if default == "r2" else "r2"
+    app = Starlette(routes=oip_routes(lambda _: tested))
+    values = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
+    body = {
+        "inputs": [
+            {"name": k, "shape": [1], "datatype": "FP64", "data": [v]} for k, v in values.items()
+        ]
+    }
+
+    async def post(path: str) -> dict:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            response = await client.post(path, json=body)
+            assert response.status_code == 200, response.text
+            return response.json()
+
+    import asyncio
+
+    routed = asyncio.run(post("/v2/models/oip_reorder/infer"))
+    pinned = asyncio.run(post(f"/v2/models/oip_reorder/versions/{other}/infer"))
+    assert routed["model_version"] == other
+    assert routed["outputs"] == pinned["outputs"]
+    order = names if other == "r1" else names[::-1]
+    row = np.array([[values[n] for n in order]], dtype=np.float32)
+    expected = backend._pool("oip_reorder").get(other).predict(row)
+    np.testing.assert_allclose(routed["outputs"][0]["data"], expected.reshape(-1), rtol=1e-6)

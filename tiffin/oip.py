@@ -489,10 +489,17 @@ def oip_routes(
         _known(backend, name, version)
         parsed, binary = parse_request(await request.body(), request.headers.get(HEADER_LENGTH))
         card = backend.card(name, version)
-        rows = rows_from_inputs(decode_inputs(parsed, binary), card.feature_names, max_rows)
+        decoded = decode_inputs(parsed, binary)
+        rows = rows_from_inputs(decoded, card.feature_names, max_rows)
         answered, raw = await backend.infer(name, version, rows)
-        if answered != version and version is None:
-            card = backend.card(name, answered)  # a routed version may differ in its outputs
+        if version is None:  # routed: the answering version's card, which is cheap to look up
+            routed = backend.card(name, answered)
+            if routed.feature_names != card.feature_names:
+                # The router chose a version whose columns differ from the default's: the rows
+                # were laid out for the wrong model, so they are rebuilt and that version pinned.
+                rows = rows_from_inputs(decoded, routed.feature_names, max_rows)
+                answered, raw = await backend.infer(name, answered, rows)
+            card = routed  # its outputs (classes) may differ too
         tensors = output_tensors(card, raw)
         names, binary_names = _wants_binary(parsed, list(tensors))
         body: dict[str, Any] = {"model_name": name, "model_version": answered}
