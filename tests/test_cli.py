@@ -19,9 +19,11 @@ import httpx
 import pytest
 
 from tests.conftest import REPO, Served, serve, stop
+from tests.store_cleanup import forget
 from tiffin import model_store
 from tiffin.featurize import BID_FEATURES, CARD_FRAUD_FEATURES
 
+pytestmark = pytest.mark.e2e
 SECRET = "cli-test-secret-0123456789abcdef-0123456"
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -117,6 +119,7 @@ def served(model_store: str) -> Iterator[Served]:
     )
     yield app
     stop(app)
+    forget("card_fraud", "v1.2-cli")
 
 
 @pytest.fixture(scope="module")

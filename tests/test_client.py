@@ -27,6 +27,7 @@ from starlette.routing import Route
 from tests import seed_bodies as seed
 from tests.conftest import Served, free_port, serve, stop, wait_for
 from tests.doc_snippets import doc_blocks
+from tests.store_cleanup import forget
 from tiffin import model_store
 from tiffin.auth import mint
 from tiffin.client import (
@@ -65,6 +66,7 @@ def served(model_store: str) -> Iterator[Served]:
     )
     yield app
     stop(app)
+    forget("card_fraud", "v1.1-client")
 
 
 @pytest.fixture

@@ -291,13 +291,17 @@ class RoutedElsewhere(StoreBackend):
         return await super().infer(name, version or self.routed, rows)
 
 
-def test_a_routed_version_with_other_columns_gets_its_own_layout(backend: StoreBackend) -> None:
+def test_a_routed_version_with_other_columns_gets_its_own_layout(
+    backend: StoreBackend, request: pytest.FixtureRequest
+) -> None:
     """Per-feature inputs are laid out for the version that answers, not the default's order."""
     from models import importer
+    from tests.store_cleanup import forget
     from tiffin import model_store
 
     onnx = Path(model_store.get("species_classifier", "v1").path, "model.onnx").read_bytes()
     names = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+    request.addfinalizer(lambda: [forget("oip_reorder", v) for v in ("r1", "r2")])
     for version, order in (("r1", names), ("r2", names[::-1])):
         if not model_store.exists("oip_reorder", version):
             importer.import_version(
