@@ -131,6 +131,18 @@ def test_llm_methods(client) -> None:
     assert isinstance(text, cm.GenerateResponse) and text.usage.completion_tokens >= 1
     structured = client.generate_structured("Great product", response_model="sentiment", seed=1)
     assert structured.valid and structured.data["label"] in ("positive", "neutral", "negative")
+    pieces = list(client.generate_stream("The merchant", max_tokens=12, temperature=0, seed=1))
+    assert len(pieces) >= 1 and "".join(pieces)
+    with pytest.raises(UnprocessableEntity, match="max_tokens"):
+        list(client.generate_stream("x", max_tokens=0))
+
+
+def test_async_generate_stream(served: Served) -> None:
+    async def run() -> list[str]:
+        async with AsyncTiffinClient(served.url) as aclient:
+            return [p async for p in aclient.generate_stream("The card", max_tokens=8, seed=3)]
+
+    assert "".join(asyncio.run(run()))
 
 
 @pytest.mark.parametrize(

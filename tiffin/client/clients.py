@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import random
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -29,7 +30,7 @@ import httpx
 
 from tiffin.client import calls
 from tiffin.client.calls import Call
-from tiffin.client.errors import TiffinClientError, TransportError, error_for
+from tiffin.client.errors import ServerError, TiffinClientError, TransportError, error_for
 from tiffin.client.settings import ClientSettings
 
 P = ParamSpec("P")
@@ -95,6 +96,23 @@ def _answer(call: Call[T], response: httpx.Response, request_id: str) -> T:
     except ValueError:
         body = response.text
     raise error_for(response.status_code, body, response.headers.get("x-request-id") or request_id)
+
+
+def _stream_body(call: Call[Any]) -> dict[str, Any]:
+    return {**call.json, "stream": True}
+
+
+def _event_text(line: str, request_id: str) -> str | None:
+    """The text of one server-sent `data:` line; None for the closing event; raises for an error
+    event (the LLM failed after the stream had started)."""
+    if not line.startswith("data: "):
+        return ""
+    event = json.loads(line[6:])
+    if "error" in event:
+        raise ServerError(str(event["error"]), status=200, body=event, request_id=request_id)
+    if event.get("done"):
+        return None
+    return str(event.get("text", ""))
 
 
 def _transport_error(exc: httpx.TransportError, request_id: str) -> TransportError:
@@ -224,6 +242,51 @@ class AsyncTiffinClient:
             await asyncio.sleep(delay)
             attempt += 1
 
+    async def generate_stream(
+        self,
+        prompt: str,
+        system: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> AsyncIterator[str]:
+        """`POST /generate` with `"stream": true`: the text as it is generated. A refusal before
+        the stream starts (503, 422) raises like any call; 503 and unsent requests are retried."""
+        call = calls.generate(prompt, system, max_tokens, temperature, top_p, stop, seed)
+        request_id = uuid.uuid4().hex
+        attempt = 0
+        while True:
+            request = self._http.build_request(
+                "POST", call.path, json=_stream_body(call), headers={REQUEST_ID_HEADER: request_id}
+            )
+            try:
+                response = await self._http.send(request, stream=True)
+            except httpx.TransportError as exc:
+                delay = retry_delay(self.settings, attempt, call, None, exc, self._rng)
+                if delay is None:
+                    raise _transport_error(exc, request_id) from exc
+            else:
+                try:
+                    if response.status_code == 200:
+                        async for line in response.aiter_lines():
+                            text = _event_text(line, request_id)
+                            if text is None:
+                                return
+                            if text:
+                                yield text
+                        return
+                    await response.aread()
+                    delay = retry_delay(self.settings, attempt, call, response, None, self._rng)
+                    if delay is None:
+                        _answer(call, response, request_id)  # raises the typed error
+                        return
+                finally:
+                    await response.aclose()
+            await asyncio.sleep(delay)
+            attempt += 1
+
     async def aclose(self) -> None:
         await self._http.aclose()
 
@@ -350,6 +413,60 @@ class TiffinClient:
                     raise _transport_error(error, request_id) from error
                 assert response is not None
                 return _answer(call, response, request_id)
+            time.sleep(delay)
+            attempt += 1
+
+    def generate_stream(
+        self,
+        prompt: str,
+        system: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """`POST /generate` with `"stream": true`: the text as it is generated (see the async
+        client)."""
+        args = (prompt, system, max_tokens, temperature, top_p, stop, seed)
+        if self._async is not None:  # local: step the async generator on the portal's loop
+            stream = self._async.generate_stream(*args)
+            while True:
+                try:
+                    yield self._portal.call(stream.__anext__)
+                except StopAsyncIteration:
+                    return
+        assert self._http is not None
+        call = calls.generate(*args)
+        request_id = uuid.uuid4().hex
+        attempt = 0
+        while True:
+            request = self._http.build_request(
+                "POST", call.path, json=_stream_body(call), headers={REQUEST_ID_HEADER: request_id}
+            )
+            try:
+                response = self._http.send(request, stream=True)
+            except httpx.TransportError as exc:
+                delay = retry_delay(self.settings, attempt, call, None, exc, self._rng)
+                if delay is None:
+                    raise _transport_error(exc, request_id) from exc
+            else:
+                try:
+                    if response.status_code == 200:
+                        for line in response.iter_lines():
+                            text = _event_text(line, request_id)
+                            if text is None:
+                                return
+                            if text:
+                                yield text
+                        return
+                    response.read()
+                    delay = retry_delay(self.settings, attempt, call, response, None, self._rng)
+                    if delay is None:
+                        _answer(call, response, request_id)  # raises the typed error
+                        return
+                finally:
+                    response.close()
             time.sleep(delay)
             attempt += 1
 
