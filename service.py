@@ -16,7 +16,6 @@ See docs/architecture.md for the request path and where state lives.
 from __future__ import annotations
 
 import gc
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,6 +33,7 @@ from tiffin.auth import auth_settings, check_startup
 from tiffin.composition import Worker, compose
 from tiffin.lifecycle.traffic import TrafficSettings
 from tiffin.llm.settings import llm_settings
+from tiffin.logs import RequestIdMiddleware
 from tiffin.ops import not_ready
 from tiffin.replica import MetricsSettings, use_own_metrics_dir
 from tiffin.settings import feature_store_settings, model_settings, server_settings
@@ -53,7 +53,6 @@ RUNNERS: Mapping[str, Any] = {
     "generic": GenericRunner,
     "llm": LLMRunner,
 }
-logging.getLogger("tiffin").setLevel(SERVER.log_level)
 check_startup(auth_settings(), SERVER.environment)
 
 
@@ -104,6 +103,8 @@ class Tiffin:
         return await not_ready(self.worker) is None
 
 
-# BentoML nests middlewares in the order added, the first outermost.
+# BentoML nests middlewares in the order added, the first outermost: every response, BentoML's
+# own included, carries the request id.
+Tiffin.add_asgi_middleware(RequestIdMiddleware)  # type: ignore[attr-defined]
 Tiffin.add_asgi_middleware(TiffinGateway)  # type: ignore[attr-defined]
 package_models(Tiffin)

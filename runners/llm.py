@@ -24,6 +24,7 @@ from tiffin.app import TiffinGateway
 from tiffin.composition import compose_llm_only
 from tiffin.llm.runtime import LLM
 from tiffin.llm.settings import llm_settings
+from tiffin.logs import RequestIdMiddleware
 from tiffin.ops import not_ready
 from tiffin.replica import MetricsSettings, use_own_metrics_dir
 from tiffin.settings import server_settings
@@ -61,4 +62,5 @@ class LLMRunner:
 _model = packaged_llm_model()
 if _model is not None:
     LLMRunner.models.append(_model)  # type: ignore[attr-defined]
+LLMRunner.add_asgi_middleware(RequestIdMiddleware)  # type: ignore[attr-defined]
 LLMRunner.add_asgi_middleware(TiffinGateway)  # type: ignore[attr-defined]

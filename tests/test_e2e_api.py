@@ -302,7 +302,7 @@ def test_input_that_overflows_the_model_is_the_clients_error(tiffin: Served) -> 
     version (which canary analysis would read)."""
     stats = f"{tiffin.url}/v1/metrics/1.0.0?model=your_model"
     before = httpx.get(stats).json()["errors"]
-    body = {"model_name": "your_model", "features": {"feature1": [3e38], "feature2": [1.0]}}
+    body = {"model_name": "your_model", "features": {"feature1": [3e38], "feature2": [3e38]}}
     response = post(tiffin, "/predict", body)
     assert response.status_code == 422, response.text
     assert "feature1" in response.json()["error"]

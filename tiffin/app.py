@@ -37,6 +37,7 @@ from tiffin.llm import endpoints as llm_endpoints
 from tiffin.llm import openai_api
 from tiffin.llm import routes as llm_routes
 from tiffin.llm.forward import is_llm_path
+from tiffin.oip import RouterBackend, oip_routes
 from tiffin.openapi import ApiDoc, bentoml_schema, openapi_document
 from tiffin.pipelines import Scoring, V1Request
 
@@ -214,7 +215,10 @@ class TiffinApp:
         docs: list[ApiDoc] = [r.doc for r in self.scoring.values()]
         routes: list[BaseRoute] = list(ops.routes if tabular else ops.llm_only_routes)
         if tabular:
+            assert worker.families is not None and worker.scoring is not None
+            inference = RouterBackend(worker.families, worker.scoring.rows)
             routes += admin.routes
+            routes += oip_routes(lambda _: inference, max_rows=worker.server.max_batch_rows)
             # GET on a scoring path is a 405, as on every other POST-only route
             routes += [Route(path, _not_found, methods=["POST"]) for path in self.scoring]
         if worker.llm is not None:

@@ -30,9 +30,11 @@ from tiffin.lifecycle.traffic import TrafficSettings, open_backend
 from tiffin.llm.forward import ForwardedLLM
 from tiffin.llm.runtime import LLM
 from tiffin.llm.settings import LLMSettings
+from tiffin.logs import configure_logging
 from tiffin.pipelines import Explainer, Scoring
 from tiffin.settings import FeatureStoreSettings, ModelSettings, ServerSettings
 from tiffin.topology import TopologySettings
+from tiffin.tracing import Spans
 
 log = logging.getLogger("tiffin.composition")
 DEDICATED = (
@@ -188,6 +190,7 @@ def compose(
     auth: AuthSettings,
 ) -> Worker:
     """One worker's objects from its settings and runners (instances or BentoML proxies)."""
+    configure_logging(server.log_level)
     runners = {
         name: _connect(name, runner, topology.runner_timeout_s) for name, runner in runners.items()
     }
@@ -221,7 +224,7 @@ def compose(
         store=store,
         lifecycle=lifecycle,
         router=router,
-        scoring=Scoring(router, store, models.v1_model, explainer),
+        scoring=Scoring(router, store, models.v1_model, explainer, Spans(server.tracing)),
         llm=llm,
         forwarded_llm=forwarded,
         runners={
@@ -239,4 +242,5 @@ def _runner_health(runner: Any, mode: str) -> RunnerHealth:
 
 def compose_llm_only(llm: LLM, server: ServerSettings) -> Worker:
     """The LLM runner served on its own (`runners.llm:LLMRunner`)."""
+    configure_logging(server.log_level)
     return Worker(server=server, v1_model="", llm=llm)

@@ -39,7 +39,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tiffin.errors import InvalidInput, ModelNotFound, TiffinError
-from tiffin.http_errors import describe_errors
+from tiffin.families import Families
+from tiffin.http_errors import describe_errors, problem_of
+from tiffin.pipelines import RowsPipeline, RowsRequest
 
 if TYPE_CHECKING:
     from tiffin.model_pool import ModelPool
@@ -428,12 +430,12 @@ def oip_routes(
         async def endpoint(request: Request) -> Response:
             try:
                 return await handler(request, get_backend(request))
-            except ModelNotFound as exc:
-                return _error(404, str(exc))
-            except InvalidInput as exc:  # every malformed request is a 400 in this protocol
-                return _error(400, str(exc))
-            except TiffinError as exc:
-                return _error(int(exc.error_code), str(exc))
+            except Exception as exc:
+                problem = problem_of(exc)  # the one error table; the protocol's own statuses:
+                status = problem.status  # every malformed request is a 400, unknown a 404
+                if 400 <= status < 500 and status != 404:
+                    status = 400
+                return _error(status, problem.message)
 
         return endpoint
 
@@ -578,3 +580,31 @@ class StoreBackend:
     ) -> tuple[str, np.ndarray]:
         model = self._pool(name).get(version)
         return model.version, model.predict(rows)
+
+
+class RouterBackend(StoreBackend):
+    """The service's `InferenceBackend`: names, versions and cards from the model store, every
+    inference through the worker's router (splits, canaries, shadows, metrics), as a pipeline."""
+
+    def __init__(self, families: Families, rows: RowsPipeline) -> None:
+        super().__init__()
+        self.families = families
+        self.rows = rows
+
+    def card(self, name: str, version: str | None) -> ModelCard:
+        from tiffin import model_store
+
+        version = version or self.families.get(name).default_version
+        return model_store.card_of(model_store.get(name, version))
+
+    def ready(self, name: str, version: str | None) -> bool:
+        try:
+            self.card(name, version)
+        except TiffinError:
+            return False
+        return True
+
+    async def infer(
+        self, name: str, version: str | None, rows: np.ndarray
+    ) -> tuple[str, np.ndarray]:
+        return await self.rows(RowsRequest(name, version, rows))

@@ -27,6 +27,7 @@ from tiffin.families import ModelRef
 from tiffin.feature_store import EntityColumns, FeatureStore
 from tiffin.lifecycle.router import Answer, Router, score_sample
 from tiffin.llm.response_models import FraudExplanation
+from tiffin.logs import bind
 from tiffin.metrics import metrics
 from tiffin.schemas import (
     AdFraudRequest,
@@ -40,6 +41,7 @@ from tiffin.schemas import (
     GenericPredictResponse,
     PersonalizationRequest,
 )
+from tiffin.tracing import FEATURE_FETCH, MODEL_CALL, Spans
 
 RiskLevel = Literal["low", "medium", "high"]
 Action = Literal["approve", "review", "decline"]
@@ -74,9 +76,10 @@ class Pipeline(Generic[Req, Out]):
     route_field: ClassVar[str | None] = None
     """The request field an unknown model or version is reported against (404 naming it)."""
 
-    def __init__(self, router: Router, store: FeatureStore) -> None:
+    def __init__(self, router: Router, store: FeatureStore, spans: Spans) -> None:
         self.router = router
         self.store = store
+        self.spans = spans
 
     async def __call__(self, request: Req, pinned: str | None = None) -> Out:
         started = time.perf_counter()
@@ -88,10 +91,13 @@ class Pipeline(Generic[Req, Out]):
             if self.route_field is None:
                 raise
             raise ModelNotFound(f"{self.route_field}: {exc}") from exc
+        ref = choice.ref
+        bind(model=ref.name, version=ref.version)
         routed = time.perf_counter()
-        features = await self.features(request, choice.ref)
+        features = await self.features(request, ref)
         featured = time.perf_counter()
-        answer = await self.router.predict(choice, features.rows, started, self.explain)
+        with self.spans.span(MODEL_CALL, model=ref.name, version=ref.version):
+            answer = await self.router.predict(choice, features.rows, started, self.explain)
         predicted = time.perf_counter()
         out = self.respond(request, features, answer, started)
         responded = time.perf_counter()
@@ -125,7 +131,10 @@ class Pipeline(Generic[Req, Out]):
         self, ref: ModelRef, wanted: Mapping[str, Sequence[str | None]]
     ) -> dict[str, EntityColumns]:
         started = time.perf_counter()
-        columns = await self.store.fetch_columns(wanted)
+        with self.spans.span(
+            FEATURE_FETCH, model=ref.name, version=ref.version, backend=self.store.backend
+        ):
+            columns = await self.store.fetch_columns(wanted)
         metrics().feature_fetch.labels(ref.name, ref.version, self.store.backend).observe(
             time.perf_counter() - started
         )
@@ -542,8 +551,8 @@ class V1Request:
 class V1Pipeline(Pipeline[V1Request, dict[str, Any]]):
     route_field = "version"
 
-    def __init__(self, router: Router, store: FeatureStore, model: str) -> None:
-        super().__init__(router, store)
+    def __init__(self, router: Router, store: FeatureStore, spans: Spans, model: str) -> None:
+        super().__init__(router, store, spans)
         self.model = model
 
     def family_of(self, request: V1Request) -> str:
@@ -581,6 +590,38 @@ class V1Pipeline(Pipeline[V1Request, dict[str, Any]]):
         return score_sample(answer.scores, answer.ref)
 
 
+# --- any protocol that sends rows (Open Inference Protocol V2) ---------------------------------
+
+
+@dataclass
+class RowsRequest:
+    model: str
+    version: str | None
+    rows: np.ndarray
+    """Already in the feature order of `version` (or of the default version when None)."""
+
+
+class RowsPipeline(Pipeline[RowsRequest, tuple[str, np.ndarray]]):
+    """Rows in, (answering version, task-shaped outputs) out: the protocol encodes them."""
+
+    def family_of(self, request: RowsRequest) -> str:
+        return request.model
+
+    def pinned(self, request: RowsRequest) -> str | None:
+        return request.version
+
+    async def features(self, request: RowsRequest, ref: ModelRef) -> Features:
+        return Features(request.rows)
+
+    def respond(
+        self, request: RowsRequest, features: Features, answer: Answer, started: float
+    ) -> tuple[str, np.ndarray]:
+        return answer.ref.version, answer.scores
+
+    def recorded(self, answer: Answer) -> np.ndarray | None:
+        return score_sample(answer.scores, answer.ref)
+
+
 # --- the endpoints ----------------------------------------------------------------------------
 
 
@@ -609,15 +650,21 @@ class Scoring:
     """The scoring endpoints over the worker's pipelines: what a route handler calls."""
 
     def __init__(
-        self, router: Router, store: FeatureStore, v1_model: str, explainer: Explainer
+        self,
+        router: Router,
+        store: FeatureStore,
+        v1_model: str,
+        explainer: Explainer,
+        spans: Spans,
     ) -> None:
-        self.ad_fraud = AdFraudPipeline(router, store)
-        self.ctr = CtrPipeline(router, store)
-        self.bid = BidPipeline(router, store)
-        self.card_fraud = CardFraudPipeline(router, store)
-        self.personalization = PersonalizationPipeline(router, store)
-        self.generic = GenericPipeline(router, store)
-        self.v1 = V1Pipeline(router, store, v1_model)
+        self.ad_fraud = AdFraudPipeline(router, store, spans)
+        self.ctr = CtrPipeline(router, store, spans)
+        self.bid = BidPipeline(router, store, spans)
+        self.card_fraud = CardFraudPipeline(router, store, spans)
+        self.personalization = PersonalizationPipeline(router, store, spans)
+        self.generic = GenericPipeline(router, store, spans)
+        self.v1 = V1Pipeline(router, store, spans, v1_model)
+        self.rows = RowsPipeline(router, store, spans)
         self.explainer = explainer
 
     async def score_fraud(self, request: CardFraudRequest) -> dict[str, Any]:
