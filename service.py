@@ -26,11 +26,13 @@ from tiffin.feature_store import EmbeddedFeatureStore, open_store
 from tiffin.http_errors import ClientErrorMiddleware
 from tiffin.lifecycle.manager import LifecycleManager
 from tiffin.lifecycle.traffic import TrafficSettings, open_backend
+from tiffin.limits import LimitsMiddleware
 from tiffin.llm import openai_api
 from tiffin.llm import routes as llm_routes
 from tiffin.llm.endpoints import LLMEndpoints
 from tiffin.llm.runtime import install_llm
 from tiffin.llm.settings import llm_settings
+from tiffin.log_filters import install_client_error_log_filter
 from tiffin.model_pool import ModelPool
 from tiffin.scoring import Scoring
 from tiffin.settings import feature_store_settings, model_settings, server_settings
@@ -165,8 +167,12 @@ class Tiffin(LLMEndpoints):
         return await self.scoring.v1_predict(instances, version)
 
 
-# BentoML nests middlewares in the order added, the first outermost: the hot scoring routes are
-# answered before ClientErrorMiddleware wraps `send` for the rest (~4% of a worker's samples).
+# BentoML nests middlewares in the order added, the first outermost: edge limits (body size and
+# read time, load shedding, rate limit, CORS) before anything reads a body; then the hot scoring
+# routes are answered before ClientErrorMiddleware wraps `send` for the rest (~4% of a worker's
+# samples).
+install_client_error_log_filter()  # BentoML logs 4xx at ERROR with a traceback (tiffin.log_filters)
+Tiffin.add_asgi_middleware(LimitsMiddleware)  # type: ignore[attr-defined]
 Tiffin.add_asgi_middleware(FastPathMiddleware)  # type: ignore[attr-defined]
 Tiffin.add_asgi_middleware(ClientErrorMiddleware)  # type: ignore[attr-defined]
 serve_runners_in_process(Tiffin)
