@@ -32,7 +32,7 @@ from tiffin.llm import routes as llm_routes
 from tiffin.llm.endpoints import LLMEndpoints
 from tiffin.llm.runtime import install_llm
 from tiffin.llm.settings import llm_settings
-from tiffin.log_filters import install_client_error_log_filter
+from tiffin.log_filters import install_client_error_log_filter, install_repeated_traceback_filter
 from tiffin.model_pool import ModelPool
 from tiffin.scoring import Scoring
 from tiffin.settings import feature_store_settings, model_settings, server_settings
@@ -172,6 +172,7 @@ class Tiffin(LLMEndpoints):
 # routes are answered before ClientErrorMiddleware wraps `send` for the rest (~4% of a worker's
 # samples).
 install_client_error_log_filter()  # BentoML logs 4xx at ERROR with a traceback (tiffin.log_filters)
+install_repeated_traceback_filter()  # the lifecycle poller's traceback per tick while Redis is down
 Tiffin.add_asgi_middleware(LimitsMiddleware)  # type: ignore[attr-defined]
 Tiffin.add_asgi_middleware(FastPathMiddleware)  # type: ignore[attr-defined]
 Tiffin.add_asgi_middleware(ClientErrorMiddleware)  # type: ignore[attr-defined]

@@ -15,6 +15,7 @@ from tiffin.errors import InvalidInput, ModelNotFound, ModelUnavailable
 from tiffin.log_filters import (
     BENTOML_HTTP_LOGGER,
     ClientErrorLogFilter,
+    RepeatedTracebackFilter,
     client_error_status,
     install_client_error_log_filter,
 )
@@ -110,3 +111,32 @@ def test_status_classification() -> None:
     assert client_error_status(HTTPException(503)) is None
     assert client_error_status(ValueError("x")) is None
     assert client_error_status(None) is None
+
+
+def test_repeated_background_tracebacks_are_logged_once_per_window(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    logger = logging.getLogger("tiffin.test-background")
+    logger.addFilter(RepeatedTracebackFilter(window_s=60, clock=lambda: now[0]))
+    caplog.set_level(logging.INFO, logger="tiffin.test-background")
+
+    def tick(exc: Exception) -> None:
+        try:
+            raise exc
+        except Exception:
+            logger.exception("lifecycle tick failed")
+
+    for _ in range(50):  # a Redis outage, ticking every 0.1 s
+        tick(ConnectionError("Connection closed by server."))
+        now[0] += 0.1
+    tick(TimeoutError("Timeout reading"))  # a different failure is reported at once
+    now[0] += 60
+    tick(ConnectionError("Connection closed by server."))
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "lifecycle tick failed",
+        "lifecycle tick failed",
+        "lifecycle tick failed (the same failure 49 more times since the last report)",
+    ]
+    assert all(r.exc_info for r in caplog.records)

@@ -13,10 +13,14 @@ exceptions) keep their ERROR level and traceback.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 # The logger `log_exception` writes to (bentoml/_internal/server/http_app.py).
 BENTOML_HTTP_LOGGER = "bentoml._internal.server.http_app"
+# Background loops that log a traceback on every failed tick while a dependency is down.
+BACKGROUND_LOGGERS = ("tiffin.lifecycle",)
 
 
 def client_error_status(exc: BaseException | None) -> int | None:
@@ -50,9 +54,8 @@ class ClientErrorLogFilter(logging.Filter):
         if status is None:
             return True
         one_line = " ".join(str(exc).split())[:300]
-        record.msg = (
-            f"{record.getMessage()}: client error {status}: {type(exc).__name__}: {one_line}"
-        )
+        where = record.getMessage().removeprefix("Exception on ")
+        record.msg = f"client error {status} on {where}: {type(exc).__name__}: {one_line}"
         record.args = None
         record.levelno, record.levelname = logging.INFO, "INFO"
         record.exc_info, record.exc_text, record.stack_info = None, None, None
@@ -69,3 +72,46 @@ def install_client_error_log_filter(logger_name: str = BENTOML_HTTP_LOGGER) -> C
     installed = ClientErrorLogFilter(logger)
     logger.addFilter(installed)
     return installed
+
+
+class RepeatedTracebackFilter(logging.Filter):
+    """The same failure from a background loop is logged with its traceback once per window.
+
+    The lifecycle poller ticks every `TIFFIN_TRAFFIC_POLL_INTERVAL_S` and logs
+    `log.exception("lifecycle tick failed")` each time Redis is unreachable: measured 94 full
+    tracebacks in 10 s of Redis faults (tests/reliability). Within `window_s` of a traceback,
+    repeats of the same message and exception type are dropped and counted; the next one logged
+    says how many were dropped. Different failures are never merged.
+    """
+
+    def __init__(self, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self.clock = clock
+        self._seen: dict[tuple[str, str, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.exc_info or record.exc_info[1] is None:
+            return True
+        key = (record.name, str(record.msg), type(record.exc_info[1]).__name__)
+        now = self.clock()
+        last, dropped = self._seen.get(key, (float("-inf"), 0))
+        if now - last < self.window_s:
+            self._seen[key] = (last, dropped + 1)
+            return False
+        self._seen[key] = (now, 0)
+        if dropped:
+            record.msg = (
+                f"{record.msg} (the same failure {dropped} more times since the last report)"
+            )
+        return True
+
+
+def install_repeated_traceback_filter(
+    logger_names: tuple[str, ...] = BACKGROUND_LOGGERS, window_s: float = 60.0
+) -> None:
+    """Idempotent: one RepeatedTracebackFilter per named logger."""
+    for name in logger_names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RepeatedTracebackFilter) for f in logger.filters):
+            logger.addFilter(RepeatedTracebackFilter(window_s))
