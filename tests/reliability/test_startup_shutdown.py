@@ -25,6 +25,9 @@ from tests.reliability.conftest import TcpProxy
 pytestmark = [pytest.mark.reliability, pytest.mark.e2e]
 
 
+SERVE = [sys.executable, "-m", "bentoml", "serve", "service:Tiffin"]
+
+
 class Launched:
     def __init__(self, home: str, env: dict[str, str], log_name: str) -> None:
         self.port = free_port()
