@@ -304,3 +304,27 @@ def test_non_http_scopes_pass_through() -> None:
 
     asyncio.run(LimitsMiddleware(inner, settings())({"type": "lifespan"}, None, None))
     assert seen == ["lifespan"]
+
+
+def test_outside_cancellation_is_not_mistaken_for_a_body_timeout() -> None:
+    """BentoML's request timeout cancels the task from outside: that must propagate as a
+    cancellation, not be answered 408 (only the watchdog's own cancellations are)."""
+    app = LimitsMiddleware(Recorder(), settings(body_idle_timeout_s=5))
+    wire = Wire([b"{", None])
+    with pytest.raises(TimeoutError):
+        run(app, scope(), wire, timeout=0.2)
+    assert wire.sent == []
+    assert app._body_watchdog is not None and app._body_watchdog.deadlines == {}
+
+
+def test_concurrent_reads_time_out_independently() -> None:
+    async def go() -> tuple[Wire, Wire]:
+        app = LimitsMiddleware(Recorder(), settings(body_idle_timeout_s=0.3))
+        stalled, fine = Wire([b"{", None]), Wire([b"{", b"}"])
+        await asyncio.gather(
+            app(scope(), stalled.receive, stalled.send), app(scope(), fine.receive, fine.send)
+        )
+        return stalled, fine
+
+    stalled, fine = asyncio.run(go())
+    assert stalled.status == 408 and fine.status == 200
