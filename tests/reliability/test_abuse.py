@@ -13,6 +13,7 @@ import concurrent.futures as cf
 import json
 import pickle
 import socket
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -448,9 +449,14 @@ def test_every_admin_write_refuses_bad_tokens(app: Served, path: str, scope: str
 # --- safe model loading -----------------------------------------------------------------------
 
 
+# Per run, so concurrent runs on one machine do not share files.
+ARTIFACTS = tempfile.mkdtemp(prefix="tiffin-reliability-")
+PWNED = Path(ARTIFACTS, "pwned")  # what the pickle's payload would write if it ever ran
+
+
 class Evil:
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Path("/tmp/tiffin-pwned").write_text, ("pwned",))
+        return (PWNED.write_text, ("pwned",))
 
 
 PICKLE = pickle.dumps(Evil())
@@ -495,9 +501,9 @@ def register(app: Served, version: str, **fields: Any) -> httpx.Response:
             {"artifact_base64": base64.b64encode(PICKLE).decode(), "filename": "../model.onnx"},
             "filename",
         ),
-        ("p6", {"model_path": "/tmp/tiffin-reliability/model.pkl"}, "pickle"),
-        ("p7", {"model_path": "/tmp/tiffin-reliability/disguised.onnx"}, "model.onnx"),
-        ("p8", {"model_path": "/tmp/tiffin-reliability/disguised.joblib"}, "pickle"),
+        ("p6", {"model_path": f"{ARTIFACTS}/model.pkl"}, "pickle"),
+        ("p7", {"model_path": f"{ARTIFACTS}/disguised.onnx"}, "model.onnx"),
+        ("p8", {"model_path": f"{ARTIFACTS}/disguised.joblib"}, "pickle"),
         (
             "../../etc",
             {"artifact_base64": base64.b64encode(b"{}").decode(), "filename": "model.json"},
@@ -521,16 +527,15 @@ def test_unsafe_artifacts_are_refused_and_nothing_is_loaded(
 ) -> None:
     """Pass: a pickle under any name or path, and traversal in filename or version, are 422
     naming the problem; the store gains nothing and the pickle's payload never runs."""
-    source = Path("/tmp/tiffin-reliability")
-    source.mkdir(exist_ok=True)
+    source = Path(ARTIFACTS)
     for name in ("model.pkl", "disguised.onnx", "disguised.joblib"):
         source.joinpath(name).write_bytes(PICKLE)
-    Path("/tmp/tiffin-pwned").unlink(missing_ok=True)
+    PWNED.unlink(missing_ok=True)
     response = register(app, version, **fields)
     assert response.status_code == 422, response.text
     assert names in response.json()["error"], response.text
     assert not model_store.exists("card_fraud", version) if "/" not in version else True
-    assert not Path("/tmp/tiffin-pwned").exists()
+    assert not PWNED.exists()
 
 
 def test_checksum_mismatch_is_refused(app: Served) -> None:
