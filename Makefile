@@ -7,7 +7,7 @@ PORT ?= 3000
 HOST ?= 0.0.0.0
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test setup redis-server train seed lint typecheck unit bench build clean
+.PHONY: serve test setup redis-server train seed lint typecheck unit bench build clean audit soak
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,16 @@ typecheck: setup
 
 test: setup redis-server lint typecheck
 	$(VENV)/bin/pytest -q
+
+# bandit (no medium/high finding) and pip-audit over tiffin[dev]'s installed dependencies, with
+# justified exceptions in .ci/pip-audit-exceptions.txt; .ci/run calls it after `make test`.
+audit: setup
+	$(PY) .ci/audit.py
+
+# Issue 11's soak: 10 min of mixed load with repeated version swaps, RSS per process over time,
+# a verdict line; e.g. `make soak ARGS="--minutes 3"`. Results in bench/results/soak-*.json.
+soak: setup redis-server train
+	$(PY) -m bench.soak $(ARGS)
 
 # Issue 3's benchmark: Tiffin, a seed-style service, a hand-tuned reference and MLServer, stepped
 # open-loop load until p99 breaks (12-14 min); table on stdout, JSON/Markdown in bench/results/.

@@ -32,7 +32,9 @@ from tiffin.app import TiffinGateway
 from tiffin.auth import auth_settings, check_startup
 from tiffin.composition import Worker, compose
 from tiffin.lifecycle.traffic import TrafficSettings
+from tiffin.limits import LimitsMiddleware
 from tiffin.llm.settings import llm_settings
+from tiffin.log_filters import install_client_error_log_filter, install_repeated_traceback_filter
 from tiffin.logs import RequestIdMiddleware
 from tiffin.ops import not_ready
 from tiffin.replica import MetricsSettings, use_own_metrics_dir
@@ -103,8 +105,12 @@ class Tiffin:
         return await not_ready(self.worker) is None
 
 
+install_client_error_log_filter()  # a client's mistake is one INFO line, not an ERROR trace
+install_repeated_traceback_filter()
 # BentoML nests middlewares in the order added, the first outermost: every response, BentoML's
-# own included, carries the request id.
+# own included, carries the request id; bodies are bounded in size and time before anything
+# parses them; then Tiffin's application.
 Tiffin.add_asgi_middleware(RequestIdMiddleware)  # type: ignore[attr-defined]
+Tiffin.add_asgi_middleware(LimitsMiddleware)  # type: ignore[attr-defined]
 Tiffin.add_asgi_middleware(TiffinGateway)  # type: ignore[attr-defined]
 package_models(Tiffin)

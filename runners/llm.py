@@ -22,8 +22,10 @@ import bentoml
 from models import tiny_llm
 from tiffin.app import TiffinGateway
 from tiffin.composition import compose_llm_only
+from tiffin.limits import LimitsMiddleware
 from tiffin.llm.runtime import LLM
 from tiffin.llm.settings import llm_settings
+from tiffin.log_filters import install_client_error_log_filter
 from tiffin.logs import RequestIdMiddleware
 from tiffin.ops import not_ready
 from tiffin.replica import MetricsSettings, use_own_metrics_dir
@@ -62,5 +64,7 @@ class LLMRunner:
 _model = packaged_llm_model()
 if _model is not None:
     LLMRunner.models.append(_model)  # type: ignore[attr-defined]
+install_client_error_log_filter()
 LLMRunner.add_asgi_middleware(RequestIdMiddleware)  # type: ignore[attr-defined]
+LLMRunner.add_asgi_middleware(LimitsMiddleware)  # type: ignore[attr-defined]
 LLMRunner.add_asgi_middleware(TiffinGateway)  # type: ignore[attr-defined]

@@ -81,15 +81,20 @@ def _lifecycle(request: Request) -> LifecycleManager:
 
 
 async def _body(request: Request, model: type[BaseModel]) -> Any:
-    raw = await request.body()
-    try:
-        data = json.loads(raw or b"{}")
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"body: invalid JSON ({exc.msg})") from None
+    data = _json_body(await request.body(), b"{}")
     try:
         return model.model_validate(data)
     except ValidationError as exc:  # the admin API has always answered these with 422
         raise InvalidInput(describe_errors(exc.errors())) from None
+
+
+def _json_body(raw: bytes, empty: bytes) -> Any:
+    try:
+        return json.loads(raw or empty)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"body: invalid JSON ({exc.msg})") from None
+    except (ValueError, RecursionError) as exc:  # 5000-digit integers, nesting past the stack
+        raise InvalidInput(f"body: JSON too deep or numbers too long ({exc})") from None
 
 
 def _family(request: Request) -> str:
@@ -209,11 +214,7 @@ async def get_split(request: Request) -> Any:
 
 async def set_split(request: Request) -> Any:
     lifecycle = _lifecycle(request)
-    raw = await request.body()
-    try:
-        weights = json.loads(raw or b"null")
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"body: invalid JSON ({exc.msg})") from None
+    weights = _json_body(await request.body(), b"null")
     if not isinstance(weights, dict) or not all(
         isinstance(w, int) and not isinstance(w, bool) for w in weights.values()
     ):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tiffin import model_store
-from tiffin.errors import InvalidInput, ModelLoadError, ModelNotFound
+from tiffin.errors import InvalidInput, ModelLoadError, ModelNotFound, ModelUnavailable
 from tiffin.metrics import metrics
 from tiffin.runtimes import LoadedModel, load_artifacts
 
@@ -35,7 +35,10 @@ class ModelPool:
         """Pool whose default is a class-scope `BentoModel` (its tag resolved against the store)."""
         model = model_store.get(*str(tag).split(":", 1))
         pool = cls(model.tag.name, model.tag.version or "latest")
-        pool.load(pool.default_version)
+        try:
+            pool.load(pool.default_version)
+        except ModelLoadError as exc:  # the worker still starts: readiness says why it is down
+            log.error("%s:%s cannot be served: %s", pool.family, pool.default_version, exc)
         return pool
 
     @property
@@ -92,6 +95,10 @@ class ModelPool:
         found = self._loaded.get(version)
         if found is not None:
             return found
+        if version in self.failed:  # no artifact reload per request; `load` retries on purpose
+            raise ModelUnavailable(
+                f"model {self.family}:{version} cannot be served: {self.failed[version]}"
+            )
         try:
             return self.load(version)
         except ModelNotFound as exc:

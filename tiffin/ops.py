@@ -70,13 +70,31 @@ async def not_ready(worker: Worker) -> str | None:
         if llm is not None and llm.engine is None and not llm.disabled:
             return llm.unavailable_reason
         return None
-    if not await worker.loaded_versions():
+    loaded = await worker.loaded_versions()
+    if not loaded:
         return "models are still loading"
+    failed = [
+        f"{name}:{row['version']} failed to load: {row.get('reason')}"
+        for name, rows in loaded.items()
+        for row in rows
+        if row["state"] == "failed" and row["version"] == _default(worker, name)
+    ]
+    if failed:
+        return "; ".join(failed)
     runners = await worker.runner_status()
     down = sorted(name for name, status in runners.items() if status["status"] != "ok")
     if down:
         return f"runner {', '.join(down)} is not ready"
     return None
+
+
+def _default(worker: Worker, family: str) -> str | None:
+    assert worker.families is not None
+    found = worker.families.find(family)
+    try:
+        return found.default_version if found is not None else None
+    except Exception:  # a runner that is down has no answer; readiness reports the runner
+        return None
 
 
 async def ready(request: Request) -> Response:

@@ -40,7 +40,7 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(0.7, description="0 is greedy; up to 2")
     top_p: float = Field(1.0, description="nucleus sampling, (0, 1]")
     stop: list[str] | None = Field(None, description="up to 4 stop sequences")
-    seed: int | None = Field(None, description="sampling seed for reproducible output")
+    seed: int | None = Field(None, description="sampling seed for reproducible output, 0..2**63-1")
     stream: bool = Field(False, description="answer with server-sent events")
 
 
@@ -71,8 +71,8 @@ class StructuredRequest(BaseModel):
     )
     system: str | None = None
     max_tokens: int | None = Field(None, description="token budget (default 256)")
-    temperature: float = 0.7
-    seed: int | None = None
+    temperature: float = Field(0.7, description="0 is greedy; up to 2")
+    seed: int | None = Field(None, description="sampling seed, 0..2**63-1")
 
 
 class StructuredResponse(BaseModel):

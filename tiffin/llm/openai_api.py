@@ -85,6 +85,10 @@ async def _body(request: Request) -> dict[str, Any]:
         body = json.loads(await request.body() or b"null")
     except json.JSONDecodeError as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc.msg}") from exc
+    except RecursionError:  # the stdlib parser recurses per nesting level
+        raise BadRequest("the request body is nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer past Python's 4300-digit conversion limit
+        raise BadRequest(f"the request body cannot be read: {exc}") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     return body

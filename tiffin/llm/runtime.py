@@ -40,6 +40,10 @@ log = logging.getLogger("tiffin.llm")
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP_SEQUENCES = 4
+# MLX seeds its PRNG with an unsigned 64-bit integer (`mx.random.seed` raises TypeError outside
+# [0, 2**64 - 1], inside the engine, where it counted against the circuit breaker), structured
+# retries use `seed + attempt`, and OpenAI-compatible backends take a signed 64-bit seed.
+SEED_RANGE = (0, 2**63 - 1)
 
 
 class LLM:
@@ -190,6 +194,8 @@ class LLM:
             stops = tuple(s for s in stop_list if s)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise InvalidInput("seed: must be an integer")
+        if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise InvalidInput(f"seed: {seed} is out of range [0, 2**63 - 1]")
         return GenerationParams(tokens, float(temperature), float(top_p), stops, seed)
 
     def target(
