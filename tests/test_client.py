@@ -382,7 +382,7 @@ def test_local_mode_answers_what_the_service_answers(monkeypatch, served: Served
             local.score_fraud("c", -1)
 
 
-# --- docs/client.md, executed as written ------------------------------------------------------
+# --- README.md's client section, executed as written ---------------------------------------
 
 
 def test_docs_snippets_run_as_written(served: Served, tmp_path: Path) -> None:
@@ -406,7 +406,7 @@ def test_docs_snippets_run_as_written(served: Served, tmp_path: Path) -> None:
             script.append(f"\"$TIFFIN_PYTHON\" - <<'TIFFIN_DOC_EOF'\n{code}\nTIFFIN_DOC_EOF")
         else:
             script.append(code)
-    assert len(script) >= 7, "docs/client.md lost its examples"
+    assert len(script) >= 7, "README.md (client section) lost its examples"
     bin_dir = Path(console_script(tmp_path)[0]).parent
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("REMOTE_INFERENCE")},

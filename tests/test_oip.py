@@ -242,11 +242,11 @@ def test_json_request_and_response_follow_the_spec(oip_url: str) -> None:
 
 
 def test_the_docs_v2_example_runs_as_written(oip_url: str, capsys) -> None:
-    """docs/client.md's tritonclient example, with this server's address for localhost:3000."""
+    """README's tritonclient example, with this server's address for localhost:3000."""
     from tests.doc_snippets import doc_blocks
 
     code = next(code for _, tags, code in doc_blocks() if "oip" in tags)
-    exec(compile(code.replace("localhost:3000", oip_url), "docs/client.md", "exec"), {})
+    exec(compile(code.replace("localhost:3000", oip_url), "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "setosa" in printed and "[[" in printed
 
