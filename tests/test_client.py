@@ -342,9 +342,9 @@ def test_seed_003_variables_choose_the_mode(monkeypatch, served: Served) -> None
 def test_sync_local_mode_runs_an_asgi_app_in_process(served: Served) -> None:
     """The in-process machinery (private loop thread, ASGI transport) over a real Tiffin app:
     the operational routes, which list the same model store the server reads."""
-    from tiffin import ops
+    from tiffin.app import local_app
 
-    with TiffinClient(app=ops.app) as local, TiffinClient(served.url) as remote:
+    with TiffinClient(app=local_app()) as local, TiffinClient(served.url) as remote:
         assert local.local
         names = [f.name for f in local.models().models]
         assert names == [f.name for f in remote.models().models]

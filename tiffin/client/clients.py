@@ -201,7 +201,7 @@ class AsyncTiffinClient:
         rng: random.Random | None = None,
     ) -> None:
         self.settings, self.local = _settings(
-            url, local or app is not None, timeout_s, retries, token
+            url, True if app is not None else local, timeout_s, retries, token
         )
         if self.local and transport is None:
             # raise_app_exceptions=False: an app failure is a 500 answer, exactly as over HTTP.
@@ -350,7 +350,7 @@ class TiffinClient:
         rng: random.Random | None = None,
     ) -> None:
         self.settings, self.local = _settings(
-            url, local or app is not None, timeout_s, retries, token
+            url, True if app is not None else local, timeout_s, retries, token
         )
         self._rng = rng or random.Random()
         self._portal_cm: AbstractContextManager[Any] | None = None
