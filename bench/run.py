@@ -46,7 +46,7 @@ from bench.workloads import WORKLOADS, Workload, bodies
 MAX_ERROR_RATE = 0.001
 MIN_ACHIEVED = 0.95
 MAX_RATE = 20_000.0  # the generator's own ceiling on this box (python -m bench.loadgen --selftest)
-SYSTEM_ORDER = ("tiffin", "tiffin_separate", "seed", "reference", "mlserver")
+SYSTEM_ORDER = ("tiffin", "tiffin_baseline", "tiffin_separate", "seed", "reference", "mlserver")
 # A break is confirmed by running the same step once more: on a shared 2-core box one stall of
 # another process (or of the system itself) can push a short step's p99 over the line. The
 # knee is the highest rate that held in one of its two tries (`tries` in the JSON).
@@ -508,6 +508,10 @@ def main(argv: list[str] | None = None) -> int:
         default="tiffin",
         help="systems that hold half their maximum rate (tiffin,reference: whose tails?)",
     )
+    parser.add_argument(
+        "--baseline",
+        help="another Tiffin checkout (git worktree) served as tiffin_baseline, for an A/B",
+    )
     parser.add_argument("--out", default=str(sysmod.RESULTS / "latest"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -545,6 +549,16 @@ def main(argv: list[str] | None = None) -> int:
                     if name == "tiffin":
                         system = sysmod.tiffin(
                             redis.url, args.workers, args.rss_exclude, llm=args.llm
+                        )
+                    elif name == "tiffin_baseline":
+                        if not args.baseline:
+                            raise SystemExit("tiffin_baseline needs --baseline DIR")
+                        system = sysmod.tiffin(
+                            redis.url,
+                            args.workers,
+                            args.rss_exclude,
+                            llm=args.llm,
+                            checkout=Path(args.baseline),
                         )
                     elif name == "tiffin_separate":
                         system = sysmod.tiffin(

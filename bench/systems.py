@@ -233,10 +233,13 @@ def tiffin(
     rss_exclude: str = "llm",
     llm: bool = False,
     topology: str = "in-process",
+    checkout: Path | None = None,
 ) -> System:
     """`llm` False: the tabular bundle the targets speak of ("LLM runner excluded"); the LLM runs
     inside the entry workers, so excluding it means not loading it (`TIFFIN_LLM_ENABLED=false`).
-    `topology`: where the runners run (`TIFFIN_TOPOLOGY`; tiffin/topology.py)."""
+    `topology`: where the runners run (`TIFFIN_TOPOLOGY`; tiffin/topology.py). `checkout`:
+    serve another revision of Tiffin (a `git worktree`) beside this one, same models and Redis:
+    the A/B of a change measured side by side (`bench.run --baseline DIR`)."""
     from bench.workloads import predict_fraud_body, score_fraud_body, v1_body
 
     port = free_port()
@@ -246,6 +249,8 @@ def tiffin(
         "TIFFIN_LLM_ENABLED": str(llm).lower(),
         "TIFFIN_TOPOLOGY": topology,
     }
+    if checkout is not None:
+        env["PYTHONPATH"] = str(checkout)
     import random
 
     rng = random.Random(0)
@@ -269,8 +274,9 @@ def tiffin(
             b'"item_category": "electronics", "item_price": 299.99}',
         ),
     ]
+    name = "tiffin" if topology == "in-process" else f"tiffin_{topology}"
     return System(
-        "tiffin" if topology == "in-process" else f"tiffin_{topology}",
+        "tiffin_baseline" if checkout is not None else name,
         f"Tiffin (bentoml serve, {workers} workers, runners {topology}, "
         f"LLM {'loaded' if llm else 'disabled'})",
         [
@@ -289,6 +295,7 @@ def tiffin(
         port,
         warm=warm,
         rss_exclude=re.compile(rss_exclude) if rss_exclude else None,
+        cwd=checkout or REPO,
     )
 
 

@@ -33,6 +33,7 @@ class Workload:
     def __post_init__(self) -> None:
         if "tiffin" in self.routes:  # every runner topology serves the same routes
             self.routes.setdefault("tiffin_separate", self.routes["tiffin"])
+            self.routes.setdefault("tiffin_baseline", self.routes["tiffin"])
 
 
 def _card_request(rng: random.Random) -> dict[str, object]:
