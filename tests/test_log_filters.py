@@ -96,9 +96,11 @@ def test_client_errors_are_silent_when_info_is_off(
 
 
 def test_without_the_filter_bentoml_logs_client_errors_at_error(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The finding itself: proves the filter is what changes the level."""
+    # importing service.py (other tests do) installs the filter process-wide: take it off here
+    monkeypatch.setattr(logging.getLogger(BENTOML_HTTP_LOGGER), "filters", [])
     caplog.set_level(logging.INFO, logger=BENTOML_HTTP_LOGGER)
     record = logged(InvalidInput("seed: out of range"), caplog)
     assert record.levelno == logging.ERROR and record.exc_info is not None

@@ -11,12 +11,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.requests import Request
 from starlette.routing import Route
 
@@ -39,8 +40,8 @@ class _Body(BaseModel):
 
 class RegisterRequest(_Body):
     model_config = ConfigDict(extra="ignore")
-    name: str = Field(min_length=1, max_length=63, pattern=TAG_PATTERN)
-    version: str = Field(min_length=1, max_length=63, pattern=TAG_PATTERN)
+    name: str = Field(min_length=1, max_length=63)
+    version: str = Field(min_length=1, max_length=63)
     model_path: str | None = None
     artifact_base64: str | None = None
     filename: str | None = Field(None, description="model.onnx, model.json or model.txt")
@@ -52,6 +53,16 @@ class RegisterRequest(_Body):
     framework: str | None = None
     tags: list[str] = Field(default_factory=list)
     performance_metrics: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("name", "version")
+    @classmethod
+    def _storable(cls, value: str) -> str:
+        if not re.fullmatch(TAG_PATTERN, value):
+            raise ValueError(
+                f"{value!r} is not a valid model name or version: letters, digits, '.', '_' "
+                "and '-', starting and ending with a letter or digit"
+            )
+        return value
 
 
 class DeployRequest(_Body):

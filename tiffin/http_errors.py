@@ -95,6 +95,8 @@ def problem_of(exc: BaseException) -> Problem:
             problem = convert(exc)
             if problem.status >= 500:
                 log.warning("request failed: %s", problem.message)
+            else:  # one line, no traceback: bad input must not flood the logs (issue 11)
+                log.info("client error %d: %s", problem.status, problem.message)
             return problem
     log.error("unexpected error", exc_info=exc)
     return Problem(500, UNEXPECTED)
