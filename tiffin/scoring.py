@@ -167,6 +167,11 @@ class EntityReport:
         degraded = any(c.degraded for c in columns)
         self._clean = {"source": backend, "defaults_used": [], "degraded": degraded}
 
+    def observe(self, model: str, version: str) -> None:
+        ages = [age for age in self.freshness if age is not None]
+        if ages:
+            observe_many(metrics().feature_age.labels(model, version), np.asarray(ages))
+
     def status(self, row: int) -> dict[str, Any]:
         if not self.missing[row]:
             return self._clean
@@ -181,10 +186,12 @@ class Observation:
     model: str
     version: str
     started: float
+    rows: int = 1
 
     def done(self, scores: np.ndarray | Sequence[float] | None = None) -> None:
         m = metrics()
         m.requests.labels(self.model, self.version, "success").inc()
+        m.batch_size.labels(self.model, self.version).observe(self.rows)
         m.duration.labels(self.model, self.version).observe(time.perf_counter() - self.started)
         if scores is not None:
             observe_many(m.scores.labels(self.model, self.version), np.asarray(scores))
@@ -235,7 +242,7 @@ class Scoring:
         """Predict (and explain); a version that raises or returns non-finite scores is recorded
         as failing and the request is answered by the stable version instead (unless the client
         pinned it). Contributions: None when not asked for, zeros when not available."""
-        obs = Observation(model.name, model.version, started)
+        obs = Observation(model.name, model.version, started, len(x))
         try:
             scores, contributions = _predict(model, x, explain)
             return model, _finite(scores, model), contributions, obs
@@ -251,7 +258,7 @@ class Scoring:
             if pinned or stable == model.version:
                 raise ModelUnavailable(f"model {model.name}:{model.version} failed: {exc}") from exc
             fallback = pool.get(stable)
-            obs = Observation(fallback.name, fallback.version, started)
+            obs = Observation(fallback.name, fallback.version, started, len(x))
             scores, contributions = _predict(fallback, x, explain)
             return fallback, _finite(scores, fallback), contributions, obs
         finally:
@@ -369,6 +376,7 @@ class Scoring:
         assert contributions is not None  # asked for, so always an array
         factors = CARD_FACTORS.top(contributions)
         report = EntityReport(self.store.backend, (cards, merchants), time.time())
+        report.observe(model.name, model.version)
         rounded = np.round(scores.astype(np.float64), 6).tolist()
         latency = _ms_since(started)
         results = []
@@ -430,6 +438,7 @@ class Scoring:
         )
         outputs = np.round(np.clip(raw, 0.0, 1.0).astype(np.float64), 6).tolist()
         report = EntityReport(self.store.backend, (users, items, sessions), time.time())
+        report.observe(model.name, model.version)
         user_values, session_values = users.values.tolist(), sessions.values.tolist()
         latency = _ms_since(started)
         results = []
