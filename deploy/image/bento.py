@@ -46,13 +46,14 @@ def bentofile(variant: str, pyproject: dict[str, Any]) -> dict[str, Any]:
 def main(variant: str) -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     config = bentofile(variant, pyproject)
+    spec = pyproject["tool"]["tiffin"]["images"][variant]
     out = ROOT / "build" / f"bentofile-{variant}.yaml"
     out.parent.mkdir(exist_ok=True)
     out.write_text(yaml.safe_dump(config, sort_keys=False))
-    # The variant's env is also set while building: which models the service declares (and so
-    # which get packaged) depends on it, e.g. no LLM model in the tabular Bento.
-    env = {**os.environ, **{e["name"]: e["value"] for e in config["envs"]}}
-    env.pop("TIFFIN_ENVIRONMENT", None)  # production refuses to import without a JWT secret
+    # The variant's own env is also set while building: which models the service declares (and
+    # so which get packaged) depends on it, e.g. no LLM model in the tabular Bento. (Not the
+    # image-wide envs: BENTOML_HOME=/tmp/bentoml is for the container, not this store.)
+    env = {**os.environ, **spec.get("envs", {})}
     result = subprocess.run(
         [sys.executable, "-m", "bentoml", "build", "-f", str(out), "--output", "tag", str(ROOT)],
         cwd=ROOT,

@@ -28,6 +28,19 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: server
 {{- end }}
 
+{{- /* Plain-manifest canaries (kubectl users, seed 004): a second Deployment per track behind
+the same Service; its selector adds the track so the two Deployments never overlap. */ -}}
+{{- define "tiffin.workloadName" -}}
+{{- if .Values.track }}{{ printf "%s-%s" (include "tiffin.fullname" .) .Values.track }}{{ else }}{{ include "tiffin.fullname" . }}{{ end }}
+{{- end }}
+
+{{- define "tiffin.workloadSelector" -}}
+{{ include "tiffin.selectorLabels" . }}
+{{- with .Values.track }}
+tiffin.dev/track: {{ . }}
+{{- end }}
+{{- end }}
+
 {{- define "tiffin.image" -}}
 {{- printf "%s:%s" .repository (.tag | default $.appVersion) }}
 {{- end }}
@@ -44,14 +57,14 @@ app.kubernetes.io/component: server
 {{- define "tiffin.podTemplate" -}}
 metadata:
   labels:
-    {{- include "tiffin.selectorLabels" . | nindent 4 }}
+    {{- include "tiffin.workloadSelector" . | nindent 4 }}
     {{- with .Values.podLabels }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
+  {{- with .Values.podAnnotations }}
   annotations:
-    {{- with .Values.podAnnotations }}
     {{- toYaml . | nindent 4 }}
-    {{- end }}
+  {{- end }}
 spec:
   {{- with .Values.imagePullSecrets }}
   imagePullSecrets:
@@ -67,23 +80,32 @@ spec:
     seccompProfile:
       type: RuntimeDefault
   initContainers:
-    - name: check-nofile
+    # One init step in the same image: refuse a runtime whose open-files hard limit is below
+    # what mlx_lm needs, then copy the Bento's models into a writable store, so models
+    # registered through the admin API can be saved (BentoML serves a Bento from its own
+    # models directory, which is in the read-only image).
+    - name: prepare
       image: {{ include "tiffin.image" (merge (dict "appVersion" .Chart.AppVersion) .Values.image) | quote }}
       imagePullPolicy: {{ .Values.image.pullPolicy }}
       command:
         - /bin/sh
         - -c
         - |
+          set -e
           hard=$(ulimit -Hn)
           if [ "$hard" != unlimited ] && [ "$hard" -lt {{ .Values.nofileMinimum }} ]; then
             echo "open-files hard limit $hard < {{ .Values.nofileMinimum }}: raise the container runtime's LimitNOFILE" >&2
             exit 1
           fi
+          cp -R "$BENTO_PATH/models/." /models/
       securityContext:
         {{- include "tiffin.containerSecurityContext" . | nindent 8 }}
       resources:
-        requests: {cpu: 10m, memory: 16Mi}
-        limits: {cpu: 100m, memory: 32Mi}
+        requests: {cpu: 100m, memory: 64Mi}
+        limits: {cpu: "1", memory: 256Mi}
+      volumeMounts:
+        - name: models
+          mountPath: /models
   containers:
     - name: tiffin
       image: {{ include "tiffin.image" (merge (dict "appVersion" .Chart.AppVersion) .Values.image) | quote }}
@@ -103,6 +125,9 @@ spec:
           value: {{ .Values.logLevel | quote }}
         - name: TIFFIN_ENVIRONMENT
           value: production
+        # BentoML's home (Prometheus multiprocess files, its tmp): the writable /tmp emptyDir.
+        - name: BENTOML_HOME
+          value: /tmp/bentoml
         - name: JWT_SECRET_KEY
           valueFrom:
             secretKeyRef:
@@ -150,6 +175,8 @@ spec:
           mountPath: /tmp
         - name: cache
           mountPath: /home/bentoml/.cache
+        - name: models
+          mountPath: /home/bentoml/bento/models
   volumes:
     - name: tmp
       emptyDir:
@@ -157,6 +184,9 @@ spec:
     - name: cache
       emptyDir:
         sizeLimit: {{ .Values.cacheSizeLimit }}
+    - name: models
+      emptyDir:
+        sizeLimit: {{ .Values.modelsSizeLimit }}
   {{- with .Values.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
