@@ -55,7 +55,7 @@ SECRET = secrets.token_hex(32)
 SECRETS = {"tiffin-jwt": {"JWT_SECRET_KEY": SECRET}}
 SCRAPE_S = 2
 
-SEED_CALLS = [
+SEED_CALLS: list[tuple[str, dict[str, Any]]] = [
     ("/predict/fraud", seed_bodies.AD_FRAUD),
     ("/predict/ctr", seed_bodies.CTR),
     ("/predict/bid", seed_bodies.BID),
@@ -329,9 +329,7 @@ def broken_onnx() -> str:
     return base64.b64encode(model.SerializeToString()).decode()
 
 
-def test_analysis_fails_for_a_broken_canary(
-    canary: podman_pod.Pod, prometheus: Prometheus
-) -> None:
+def test_analysis_fails_for_a_broken_canary(canary: podman_pod.Pod, prometheus: Prometheus) -> None:
     """The canary release ships a card_fraud version that scores NaN on real transactions and
     routes half of its card_fraud traffic to it (admin API, as the chart's modelCanary Job
     would). Tiffin answers those requests from the stable version but records the failures;

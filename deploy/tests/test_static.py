@@ -56,7 +56,7 @@ def kubernetes_validate(docs: list[dict[str, Any]], tmp: Path) -> subprocess.Com
     path.write_text(yaml.safe_dump_all(docs))
     results = []
     for version in KUBE_VERSIONS:
-        args = [BIN / "kubernetes-validate", "--strict", "--quiet", path]
+        args: list[str | Path] = [BIN / "kubernetes-validate", "--strict", "--quiet", path]
         if version:
             args[1:1] = ["-k", version]
         results.append(run(*args, check=False))
@@ -85,7 +85,9 @@ def typecheck(name: str, docs: list[dict[str, Any]], dashboard: dict | None = No
     GENERATED.mkdir()
     lines = []
     for i, doc in enumerate(docs):
-        lines.append(f'import type {{ I{doc["kind"]} as T{i} }} from "{MODULES[doc["apiVersion"]]}";')
+        lines.append(
+            f'import type {{ I{doc["kind"]} as T{i} }} from "{MODULES[doc["apiVersion"]]}";'
+        )
     for i, doc in enumerate(docs):
         lines.append(f"export const r{i}: T{i} = {json.dumps(doc, indent=2)};")
     if dashboard is not None:
@@ -141,7 +143,9 @@ def test_pod_hardening_and_probes_as_rendered() -> None:
         assert sc["capabilities"]["drop"] == ["ALL"] and not sc["allowPrivilegeEscalation"]
     mounts = {m["mountPath"] for m in main["volumeMounts"]}
     assert {"/tmp", "/home/bentoml/bento/models"} <= mounts
-    assert pod["terminationGracePeriodSeconds"] > int(main["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert pod["terminationGracePeriodSeconds"] > int(
+        main["lifecycle"]["preStop"]["exec"]["command"][1]
+    )
     secret = next(e for e in main["env"] if e["name"] == "JWT_SECRET_KEY")
     assert secret["valueFrom"]["secretKeyRef"]["name"] == "tiffin-jwt"
     hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler")
@@ -157,10 +161,18 @@ def test_rollout_canary_wiring() -> None:
     assert backends == {canary["stableService"]: 100, canary["canaryService"]: 0}
     assert canary["trafficRouting"]["plugins"]["argoproj-labs/gatewayAPI"]["httpRoute"] == "tiffin"
     assert ("AnalysisTemplate", canary["analysis"]["templates"][0]["templateName"]) in docs
-    assert ("Service", canary["stableService"]) in docs and ("Service", canary["canaryService"]) in docs
-    assert docs[("HorizontalPodAutoscaler", "tiffin-hpa")]["spec"]["scaleTargetRef"]["kind"] == "Rollout"
+    assert ("Service", canary["stableService"]) in docs and (
+        "Service",
+        canary["canaryService"],
+    ) in docs
+    assert (
+        docs[("HorizontalPodAutoscaler", "tiffin-hpa")]["spec"]["scaleTargetRef"]["kind"]
+        == "Rollout"
+    )
     job = docs[("Job", "tiffin-model-canary")]
-    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env = {
+        e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert json.loads(env["WEIGHTS"]) == {"v1": 90, "v2": 10}
 
 
@@ -246,3 +258,25 @@ def test_hadolint_reports_no_errors_on_the_generated_dockerfiles() -> None:
     for dockerfile in dockerfiles:
         result = run(BIN / "hadolint", "--failure-threshold", "error", dockerfile, check=False)
         assert result.returncode == 0, f"{dockerfile}\n{result.stdout}"
+
+
+# --- the compose stack --------------------------------------------------------------------------
+
+COMPOSE = DEPLOY / "compose"
+
+
+def test_compose_stack_mounts_existing_files_and_a_valid_prometheus_config(tmp_path: Path) -> None:
+    compose = yaml.safe_load((COMPOSE / "compose.yaml").read_text())
+    assert {"tiffin", "redis", "prometheus", "grafana"} <= set(compose["services"])
+    for service in compose["services"].values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (COMPOSE / source).exists(), source
+    config = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
+    config["rule_files"] = [str(RULES)]  # where compose mounts it: the chart's rule file
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    run("promtool", "check", "config", tmp_path / "prometheus.yml")
+    broken = {**config, "scrape_configs": [{"job_name": "x", "scrape_interval": "soon"}]}
+    (tmp_path / "broken.yml").write_text(yaml.safe_dump(broken))
+    assert run("promtool", "check", "config", tmp_path / "broken.yml", check=False).returncode != 0
