@@ -106,7 +106,10 @@ image: deploy-tools bentos
 	    $$(cat build/bento-$$v.tag) > build/image-$$v.log 2>&1 \
 	    || { tail -40 build/image-$$v.log; exit 1; }; \
 	  echo "image $$name:$(IMAGE_TAG) built by $$backend in $$(( $$(date +%s) - start ))s"; \
-	done
+	done; \
+	if [ $$backend = buildah ]; then \
+	  podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E '/tiffin|python:3.11-slim'; \
+	  podman image prune -f >/dev/null; fi  # the images a rebuild untagged: 2+ GB each
 
 # Re-render deploy/k8s/ from the chart after changing it.
 deploy-render: deploy-tools
