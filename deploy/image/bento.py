@@ -4,8 +4,10 @@
 
 `[tool.bentoml.build]` is the Bento's build config (what a bare `bentoml build .` uses too);
 `[tool.tiffin.images.<variant>]` says which service, Bento name and build/runtime env a variant
-has and which [project].dependencies it leaves out. The derived bentofile is written to
-build/bentofile-<variant>.yaml (generated, not committed) and built from the repository root.
+has and which [project].dependencies it leaves out; `[tool.tiffin.image-packages]` swaps a
+distribution for another that provides the same package (xgboost -> xgboost-cpu). The derived
+bentofile is written to build/bentofile-<variant>.yaml (generated, not committed) and built from
+the repository root.
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ def bentofile(variant: str, pyproject: dict[str, Any]) -> dict[str, Any]:
     without = {canonicalize_name(name) for name in spec.get("without", [])}
     deps = pyproject["project"]["dependencies"]
     kept = [d for d in deps if canonicalize_name(Requirement(d).name) not in without]
+    # Same requirement (version, markers), another distribution of the same package.
+    for name, replacement in pyproject["tool"]["tiffin"].get("image-packages", {}).items():
+        for i, dep in enumerate(kept):
+            req = Requirement(dep)
+            if canonicalize_name(req.name) == canonicalize_name(name):
+                req.name = replacement
+                kept[i] = str(req)
     missing = without - {canonicalize_name(Requirement(d).name) for d in deps}
     if missing:  # a renamed dependency must not silently stay in the "without" image
         raise SystemExit(f"{variant}: 'without' names no dependency: {sorted(missing)}")
