@@ -13,6 +13,7 @@ readiness probe. Networking is the host's: give each release its own port (value
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 import urllib.request
@@ -152,3 +153,35 @@ def start(
     except BaseException:
         running.delete()
         raise
+
+
+def run_job(
+    job: dict[str, Any],
+    name: str,
+    secrets: dict[str, dict[str, str]],
+    env: dict[str, str] | None = None,
+) -> str:
+    """Runs a rendered Job's container to completion and returns its output; `env` replaces
+    rendered values (e.g. a Service URL that only cluster DNS resolves)."""
+    spec = job["spec"]["template"]["spec"]
+    container = json.loads(json.dumps(spec["containers"][0]))
+    overrides = env or {}
+    container["env"] = [
+        {"name": v["name"], "value": overrides[v["name"]]} if v["name"] in overrides else v
+        for v in container.get("env", [])
+    ]
+    pod_security = {
+        k: v for k, v in spec.get("securityContext", {}).items() if k in ("runAsUser", "runAsGroup")
+    }
+    args = ["--rm", "--name", name, "--network", "host"]
+    args += _env(container, name, secrets) + _security(container, pod_security)
+    for mount in container.get("volumeMounts", []):
+        args += ["--tmpfs", mount["mountPath"]]  # the Job's volumes are emptyDirs
+    if "command" in container:
+        args += ["--entrypoint", container["command"][0]]
+    args.append(container["image"])
+    args += container.get("command", [])[1:] + [str(a) for a in container.get("args", [])]
+    result = podman("run", *args, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"job {name} failed: {result.stdout[-2000:]}{result.stderr[-2000:]}")
+    return result.stdout

@@ -331,9 +331,9 @@ def broken_onnx() -> str:
 
 def test_analysis_fails_for_a_broken_canary(canary: podman_pod.Pod, prometheus: Prometheus) -> None:
     """The canary release ships a card_fraud version that scores NaN on real transactions and
-    routes half of its card_fraud traffic to it (admin API, as the chart's modelCanary Job
-    would). Tiffin answers those requests from the stable version but records the failures;
-    the AnalysisTemplate must see them."""
+    routes half of its card_fraud traffic to it through the chart's modelCanary Job (its
+    rendered container, pointed at the canary pod). Tiffin answers those requests from the
+    stable version but records the failures; the AnalysisTemplate must see them."""
     with httpx.Client(base_url=canary.url, timeout=120) as client:
         registered = client.post(
             "/models/register",
@@ -348,12 +348,21 @@ def test_analysis_fails_for_a_broken_canary(canary: podman_pod.Pod, prometheus: 
             headers=token(),
         )
         assert registered.status_code == 201, registered.text
-        split = client.post(
-            "/v1/traffic-split?model=card_fraud",
-            json={"v1.0": 50, "v9-broken": 50},
-            headers=token(),
-        )
-        assert split.status_code == 200, split.text
+        repository, tag = FULL.rsplit(":", 1)
+        job = render(
+            "tiffin",
+            f"image.repository={repository}",
+            f"image.tag={tag}",
+            "modelCanary.enabled=true",
+            "modelCanary.model=card_fraud",
+            "modelCanary.weights.v1\\.0=50",
+            "modelCanary.weights.v9-broken=50",
+            show="templates/model-canary.yaml",
+        )[0]
+        url = f"{canary.url}/v1/traffic-split?model=card_fraud"
+        podman_pod.run_job(job, "tiffin-model-canary", SECRETS, {"URL": url})
+        split = client.get("/v1/traffic-split?model=card_fraud").json()
+        assert split == {"v1.0": 50, "v9-broken": 50}, split
     deadline = time.monotonic() + 120
     verdicts: dict[str, tuple[bool, float]] = {}
     while time.monotonic() < deadline:
