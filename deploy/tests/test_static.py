@@ -174,6 +174,10 @@ def test_rollout_canary_wiring() -> None:
         e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]
     }
     assert json.loads(env["WEIGHTS"]) == {"v1": 90, "v2": 10}
+    # the Gateway's namespace may reach the pods through the NetworkPolicy
+    ingress = docs[("NetworkPolicy", "tiffin")]["spec"]["ingress"][0]["from"]
+    namespaces = [f["namespaceSelector"]["matchLabels"] for f in ingress if "namespaceSelector" in f]
+    assert {"kubernetes.io/metadata.name": "gateway-system"} in namespaces
 
 
 def test_plain_manifests_are_rendered_from_the_chart() -> None:
