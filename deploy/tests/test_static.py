@@ -176,7 +176,9 @@ def test_rollout_canary_wiring() -> None:
     assert json.loads(env["WEIGHTS"]) == {"v1": 90, "v2": 10}
     # the Gateway's namespace may reach the pods through the NetworkPolicy
     ingress = docs[("NetworkPolicy", "tiffin")]["spec"]["ingress"][0]["from"]
-    namespaces = [f["namespaceSelector"]["matchLabels"] for f in ingress if "namespaceSelector" in f]
+    namespaces = [
+        f["namespaceSelector"]["matchLabels"] for f in ingress if "namespaceSelector" in f
+    ]
     assert {"kubernetes.io/metadata.name": "gateway-system"} in namespaces
 
 
