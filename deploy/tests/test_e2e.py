@@ -444,3 +444,32 @@ def test_llm_runner_runs_as_its_own_deployment() -> None:
         assert models.status_code == 200, models.text
     finally:
         pod.delete()
+
+
+def test_external_redis_values_reach_a_real_redis(tmp_path: Path) -> None:
+    """redis.enabled=false + redis.url (the external-Redis values): the rendered pod keeps its
+    features and traffic state in that Redis (Debian's redis-server here)."""
+    binary = shutil.which("redis-server")
+    assert binary, "make test installs redis-server"
+    port = free_port()
+    redis = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        doc = workload("ext", TABULAR, free_port(), "llm.inEntry=false", f"redis.url={url}")
+        env = doc["spec"]["template"]["spec"]["containers"][0]["env"]
+        assert {"name": "REDIS_URL", "value": url} in env
+        pod = podman_pod.start(doc, "ext-0", SECRETS)
+        try:
+            health = httpx.get(f"{pod.url}/health", timeout=5).json()["components"]
+            assert health["feature_store"]["backend"] == "redis", health
+            assert health["traffic"]["backend"] == "redis", health
+            scored = httpx.post(f"{pod.url}/score/fraud", json=seed_bodies.CARD_FRAUD, timeout=30)
+            assert scored.status_code == 200 and scored.json()["features"]["source"] == "redis"
+        finally:
+            pod.delete()
+    finally:
+        redis.terminate()
+        redis.wait(10)
