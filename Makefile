@@ -7,7 +7,8 @@ PORT ?= 3000
 HOST ?= 0.0.0.0
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test setup redis-server train seed lint typecheck unit bench build clean audit soak
+.PHONY: serve test setup redis-server train seed lint typecheck unit bench build clean audit soak \
+	deploy-tools bentos image deploy-check deploy-e2e deploy-render
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -84,6 +85,54 @@ bench-profile: setup redis-server train
 
 build: train
 	$(VENV)/bin/bentoml build .
+
+# --- delivery (docs/deploy.md) ------------------------------------------------------------------
+# Image variants: full (LLM in the entry service), tabular (no mlx, no LLM), llm (the LLM runner
+# alone). Each is a Bento derived from pyproject.toml by deploy/image/bento.py, then an OCI image
+# from `bentoml containerize`: with Docker when a Docker engine answers, else buildah (podman's
+# storage), which deploy/tools/install.sh installs on a fresh machine.
+IMAGES ?= full tabular llm
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)
+IMAGE_PREFIX ?=
+export CONTAINERS_CONF ?= $(CURDIR)/deploy/image/containers.conf
+
+deploy-tools: setup
+	deploy/tools/install.sh
+
+# One Bento per variant; its tag is kept in build/bento-<variant>.tag.
+bentos: train
+	@mkdir -p build
+	@for v in $(IMAGES); do \
+	  PYTHONPATH=$(CURDIR) $(PY) deploy/image/bento.py $$v > build/bento-$$v.tag || exit 1; \
+	  echo "bento $$v: $$(cat build/bento-$$v.tag)"; done
+
+image: deploy-tools bentos
+	@if docker info >/dev/null 2>&1; then backend=docker; opts=; \
+	else backend=buildah; opts="--opt volume=/etc/ssl/certs:/etc/ssl/certs:ro"; \
+	  deploy/image/base.sh; fi; \
+	for v in $(IMAGES); do \
+	  start=$$(date +%s); [ $$v = full ] && name=$(IMAGE_PREFIX)tiffin || name=$(IMAGE_PREFIX)tiffin-$$v; \
+	  $(VENV)/bin/bentoml containerize --backend $$backend $$opts -t $$name:$(IMAGE_TAG) \
+	    $$(cat build/bento-$$v.tag) > build/image-$$v.log 2>&1 \
+	    || { tail -40 build/image-$$v.log; exit 1; }; \
+	  echo "image $$name:$(IMAGE_TAG) built by $$backend in $$(( $$(date +%s) - start ))s"; \
+	done; \
+	if [ $$backend = buildah ]; then \
+	  podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E '/tiffin|python:3.11-slim'; \
+	  podman image prune -f >/dev/null; fi  # the images a rebuild untagged: 2+ GB each
+
+# Re-render deploy/k8s/ from the chart after changing it.
+deploy-render: deploy-tools
+	$(PY) deploy/render.py
+
+# Static delivery checks: chart, manifests, custom resources, rules, dashboard, Dockerfiles.
+deploy-check: deploy-tools bentos
+	TIFFIN_DOCKERFILES="$$(for v in $(IMAGES); do echo $$($(VENV)/bin/bentoml get $$(cat build/bento-$$v.tag) -o path)/env/docker/Dockerfile; done)" \
+	  $(VENV)/bin/pytest -q -p no:cacheprovider deploy/tests/test_static.py
+
+# The images run from the rendered manifests with podman, scraped by a real Prometheus.
+deploy-e2e: image
+	IMAGE_TAG=$(IMAGE_TAG) $(VENV)/bin/pytest -q -p no:cacheprovider deploy/tests/test_e2e.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -6,15 +6,22 @@ module, and a metric created before that would be invisible on the shared `/metr
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
+import psutil
 from prometheus_client import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 SCORE_BUCKETS = tuple(round(i / 20, 2) for i in range(1, 21))
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+FRESHNESS_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 86400)
+MEMORY_SAMPLE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -26,11 +33,21 @@ class Metrics:
     active_models: Gauge
     feature_fetch: Histogram
     scores: Histogram
+    batch_size: Histogram
+    feature_age: Histogram
+    memory_rss: Gauge
+    memory_limit: Gauge
     stages: Histogram
 
 
 @lru_cache
 def metrics() -> Metrics:
+    created = _create()
+    _start_memory_sampler(created)
+    return created
+
+
+def _create() -> Metrics:
     return Metrics(
         requests=Counter(
             "ml_inference_requests_total",
@@ -72,6 +89,32 @@ def metrics() -> Metrics:
             ["model", "version"],
             buckets=SCORE_BUCKETS,
         ),
+        # Seed 003's batch sizes; also what the dashboard plots per model.
+        batch_size=Histogram(
+            "ml_inference_batch_size",
+            "Rows scored per inference call",
+            ["model", "version"],
+            buckets=BATCH_BUCKETS,
+        ),
+        # Seed 001's SLA "feature freshness < 5 minutes": age of the oldest record a row used.
+        feature_age=Histogram(
+            "feature_freshness_seconds",
+            "Age of the oldest feature record behind each scored row",
+            ["model", "version"],
+            buckets=FRESHNESS_BUCKETS,
+        ),
+        # The seeds' "memory > 85%" alert, from inside the pod: prometheus_client's process
+        # collector is off in multiprocess mode, and cAdvisor is not always scraped.
+        memory_rss=Gauge(
+            "tiffin_process_resident_memory_bytes",
+            "Resident memory of the serving workers (summed over live workers)",
+            multiprocess_mode="livesum",
+        ),
+        memory_limit=Gauge(
+            "tiffin_memory_limit_bytes",
+            "Memory the container may use: its cgroup limit, else the machine's memory",
+            multiprocess_mode="livemax",
+        ),
         stages=Histogram(
             "ml_pipeline_stage_seconds",
             "Time in each stage of the request pipeline: route, features, predict, respond",
@@ -98,10 +141,12 @@ class Observation:
     model: str
     version: str
     started: float
+    rows: int = 1
 
     def done(self, scores: np.ndarray | None = None) -> None:
         m = metrics()
         m.requests.labels(self.model, self.version, "success").inc()
+        m.batch_size.labels(self.model, self.version).observe(self.rows)
         m.duration.labels(self.model, self.version).observe(time.perf_counter() - self.started)
         if scores is not None:
             observe_many(m.scores.labels(self.model, self.version), np.asarray(scores))
@@ -115,6 +160,33 @@ class Observation:
         """Seconds spent in each of `STAGES`, in order."""
         for child, spent in zip(_stage_children(self.model, self.version), seconds, strict=True):
             child.observe(spent)
+
+
+def memory_limit_bytes() -> int:
+    """cgroup v2 `memory.max`, or v1 `memory.limit_in_bytes`, else physical memory."""
+    total = psutil.virtual_memory().total
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit():
+            return min(int(raw), total)  # v1 reports a huge number when unlimited
+    return total
+
+
+def _start_memory_sampler(m: Metrics) -> None:
+    """Samples this worker's RSS every few seconds into the shared gauges, from the moment the
+    worker's metrics exist (a daemon thread: it must not keep a worker alive)."""
+    process, limit = psutil.Process(os.getpid()), memory_limit_bytes()
+
+    def sample() -> None:
+        while True:
+            m.memory_rss.set(process.memory_info().rss)
+            m.memory_limit.set(limit)
+            threading.Event().wait(MEMORY_SAMPLE_S)
+
+    threading.Thread(target=sample, name="tiffin-memory", daemon=True).start()
 
 
 def observe_many(histogram: Histogram, values: np.ndarray) -> None:

@@ -28,7 +28,7 @@ from tiffin.feature_store import EntityColumns, FeatureStore
 from tiffin.lifecycle.router import Answer, Router, score_sample
 from tiffin.llm.response_models import FraudExplanation
 from tiffin.logs import bind
-from tiffin.metrics import metrics
+from tiffin.metrics import metrics, observe_many
 from tiffin.schemas import (
     AdFraudRequest,
     AdFraudResponse,
@@ -335,6 +335,12 @@ class EntityReport:
         degraded = any(c.degraded for c in columns)
         self._clean = {"source": backend, "defaults_used": [], "degraded": degraded}
 
+    def observe(self, model: str, version: str) -> None:
+        """Seed 001's freshness SLA as a metric: the age of each row's oldest record."""
+        ages = [age for age in self.freshness if age is not None]
+        if ages:
+            observe_many(metrics().feature_age.labels(model, version), np.asarray(ages))
+
     def status(self, row: int) -> dict[str, Any]:
         if not self.missing[row]:
             return self._clean
@@ -378,6 +384,7 @@ class CardFraudPipeline(Pipeline[Sequence[CardFraudRequest], Rows]):
         assert answer.contributions is not None  # asked for, so always an array
         factors = CARD_FACTORS.top(answer.contributions)
         report = EntityReport(self.store.backend, features.context, time.time())
+        report.observe(answer.ref.name, answer.ref.version)
         rounded = np.round(answer.scores.astype(np.float64), 6).tolist()
         latency = _ms_since(started)
         version = answer.ref.version
@@ -436,6 +443,7 @@ class PersonalizationPipeline(Pipeline[Sequence[PersonalizationRequest], Rows]):
         users, items, sessions, rows = features.context
         outputs = np.round(np.clip(answer.scores, 0.0, 1.0).astype(np.float64), 6).tolist()
         report = EntityReport(self.store.backend, (users, items, sessions), time.time())
+        report.observe(answer.ref.name, answer.ref.version)
         user_values, session_values = users.values.tolist(), sessions.values.tolist()
         latency = _ms_since(started)
         results = []

@@ -65,7 +65,7 @@ class Router:
         self, choice: Choice, rows: np.ndarray, started: float, explain: bool = False
     ) -> Answer:
         ref = choice.ref
-        observation = Observation(ref.name, ref.version, started)
+        observation = Observation(ref.name, ref.version, started, len(rows))
         try:
             scores, contributions = await choice.family.predict(ref, rows, explain)
             return Answer(ref, _finite(scores, ref, rows), contributions, observation)
@@ -80,7 +80,7 @@ class Router:
             if choice.pinned or stable == ref.version:
                 raise ModelUnavailable(f"model {ref.name}:{ref.version} failed: {exc}") from exc
             fallback = await choice.family.ref(stable)
-            observation = Observation(fallback.name, fallback.version, started)
+            observation = Observation(fallback.name, fallback.version, started, len(rows))
             scores, contributions = await choice.family.predict(fallback, rows, explain)
             return Answer(fallback, _finite(scores, fallback, rows), contributions, observation)
         finally:
@@ -97,7 +97,7 @@ class Router:
             task.add_done_callback(self._shadow_tasks.discard)
 
     async def _shadow(self, family: Family, version: str, rows: np.ndarray) -> None:
-        observation = Observation(family.name, version, time.perf_counter())
+        observation = Observation(family.name, version, time.perf_counter(), len(rows))
         try:
             ref = await family.ref(version)
             scores, _ = await family.predict(ref, rows, False)
