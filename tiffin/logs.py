@@ -20,10 +20,10 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import os
 import re
 import sys
 import time
-import uuid
 from collections.abc import Iterable, MutableMapping
 from typing import IO, Any
 
@@ -186,7 +186,7 @@ def _request_id(scope: dict[str, Any]) -> str:
             if _VALID_REQUEST_ID.match(value):
                 return str(value.decode())
             break  # a malformed id (header injection, huge) is replaced, not echoed
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # as unique as uuid4().hex, a third of its cost
 
 
 class RequestIdMiddleware:
@@ -203,8 +203,9 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = _request_id(scope)
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=request_id)
+        # Each request runs in a task of its own with a copy of the context: binding is enough,
+        # and resetting to the copy's values (not clearing every variable) ends the request.
+        bound = structlog.contextvars.bind_contextvars(request_id=request_id)
         header = (REQUEST_ID_HEADER, request_id.encode())
         status = 500
         started = time.perf_counter()
@@ -230,4 +231,4 @@ class RequestIdMiddleware:
                     status=status,
                     latency_ms=round((time.perf_counter() - started) * 1000, 3),
                 )
-            structlog.contextvars.clear_contextvars()
+            structlog.contextvars.reset_contextvars(**bound)

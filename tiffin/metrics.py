@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -125,13 +126,42 @@ def _create() -> Metrics:
 
 
 STAGES = ("route", "features", "predict", "respond")
+STAGE_SAMPLE = 8
+"""Stage times are recorded for one request in this many per worker: the distribution is what
+matters, and four histogram observations on every request cost more than the routing they time."""
+
+
+@dataclass(frozen=True)
+class VersionMetrics:
+    """One model version's labelled metric children. `labels()` validates and hashes its
+    arguments on every call; a scoring request records up to ten values."""
+
+    success: Any
+    error: Any
+    duration: Any
+    scores: Any
+    batch_size: Any
+    feature_age: Any
+    stages: tuple[Any, ...]
 
 
 @lru_cache(maxsize=4096)
-def _stage_children(model: str, version: str) -> tuple[Histogram, ...]:
-    # `labels()` validates and hashes its arguments on every call; a request records four stages.
-    stages = metrics().stages
-    return tuple(stages.labels(model, version, stage) for stage in STAGES)
+def of_version(model: str, version: str) -> VersionMetrics:
+    m = metrics()
+    return VersionMetrics(
+        success=m.requests.labels(model, version, "success"),
+        error=m.requests.labels(model, version, "error"),
+        duration=m.duration.labels(model, version),
+        scores=m.scores.labels(model, version),
+        batch_size=m.batch_size.labels(model, version),
+        feature_age=m.feature_age.labels(model, version),
+        stages=tuple(m.stages.labels(model, version, stage) for stage in STAGES),
+    )
+
+
+@lru_cache(maxsize=4096)
+def feature_fetch(model: str, version: str, backend: str) -> Any:
+    return metrics().feature_fetch.labels(model, version, backend)
 
 
 @dataclass
@@ -144,21 +174,20 @@ class Observation:
     rows: int = 1
 
     def done(self, scores: np.ndarray | None = None) -> None:
-        m = metrics()
-        m.requests.labels(self.model, self.version, "success").inc()
-        m.batch_size.labels(self.model, self.version).observe(self.rows)
-        m.duration.labels(self.model, self.version).observe(time.perf_counter() - self.started)
+        m = of_version(self.model, self.version)
+        m.success.inc()
+        m.batch_size.observe(self.rows)
+        m.duration.observe(time.perf_counter() - self.started)
         if scores is not None:
-            observe_many(m.scores.labels(self.model, self.version), np.asarray(scores))
+            observe_many(m.scores, np.asarray(scores))
 
     def failed(self, kind: str) -> None:
-        m = metrics()
-        m.requests.labels(self.model, self.version, "error").inc()
-        m.errors.labels(self.model, self.version, kind).inc()
+        of_version(self.model, self.version).error.inc()
+        metrics().errors.labels(self.model, self.version, kind).inc()
 
     def stages(self, *seconds: float) -> None:
-        """Seconds spent in each of `STAGES`, in order."""
-        for child, spent in zip(_stage_children(self.model, self.version), seconds, strict=True):
+        """Seconds spent in each of `STAGES`, in order (callers sample: see STAGE_SAMPLE)."""
+        for child, spent in zip(of_version(self.model, self.version).stages, seconds, strict=True):
             child.observe(spent)
 
 

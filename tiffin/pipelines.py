@@ -12,6 +12,7 @@ version's feature order to build their matrix.
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -28,7 +29,7 @@ from tiffin.feature_store import EntityColumns, FeatureStore
 from tiffin.lifecycle.router import Answer, Router, score_sample
 from tiffin.llm.response_models import FraudExplanation
 from tiffin.logs import bind
-from tiffin.metrics import metrics, observe_many
+from tiffin.metrics import STAGE_SAMPLE, feature_fetch, observe_many, of_version
 from tiffin.schemas import (
     AdFraudRequest,
     AdFraudResponse,
@@ -80,6 +81,7 @@ class Pipeline(Generic[Req, Out]):
         self.router = router
         self.store = store
         self.spans = spans
+        self._turns = itertools.count()  # which requests' stage times are recorded
 
     async def __call__(self, request: Req, pinned: str | None = None) -> Out:
         started = time.perf_counter()
@@ -102,9 +104,10 @@ class Pipeline(Generic[Req, Out]):
         out = self.respond(request, features, answer, started)
         responded = time.perf_counter()
         answer.observation.done(self.recorded(answer))
-        answer.observation.stages(
-            routed - started, featured - routed, predicted - featured, responded - predicted
-        )
+        if next(self._turns) % STAGE_SAMPLE == 0:
+            answer.observation.stages(
+                routed - started, featured - routed, predicted - featured, responded - predicted
+            )
         return out
 
     def family_of(self, request: Req) -> str:
@@ -135,7 +138,7 @@ class Pipeline(Generic[Req, Out]):
             FEATURE_FETCH, model=ref.name, version=ref.version, backend=self.store.backend
         ):
             columns = await self.store.fetch_columns(wanted)
-        metrics().feature_fetch.labels(ref.name, ref.version, self.store.backend).observe(
+        feature_fetch(ref.name, ref.version, self.store.backend).observe(
             time.perf_counter() - started
         )
         return columns
@@ -339,7 +342,7 @@ class EntityReport:
         """Seed 001's freshness SLA as a metric: the age of each row's oldest record."""
         ages = [age for age in self.freshness if age is not None]
         if ages:
-            observe_many(metrics().feature_age.labels(model, version), np.asarray(ages))
+            observe_many(of_version(model, version).feature_age, np.asarray(ages))
 
     def status(self, row: int) -> dict[str, Any]:
         if not self.missing[row]:
