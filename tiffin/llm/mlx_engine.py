@@ -439,9 +439,10 @@ class MLXEngine(Engine):
             now = time.monotonic()
             done: list[int] = []
             for response in responses:
-                seq = active.get(response.uid)
-                if seq is None:
+                current = active.get(response.uid)
+                if current is None:
                     continue
+                seq = current
                 try:
                     over = self._on_token(seq, int(response.token), now)
                     if over is None and response.finish_reason is not None:
