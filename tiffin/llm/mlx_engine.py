@@ -107,7 +107,8 @@ class _StopMatcher:
 class _Seq:
     """One request: what its event loop waits on and, in the batch thread, its decoding state.
 
-    `state` moves waiting → running → done under the engine's lock; everything below `uid` is
+    `state` moves waiting → running (→ leaving, when its caller went away) → done under the
+    engine's lock; everything below `uid` is
     touched only by the batch thread."""
 
     def __init__(
@@ -168,6 +169,7 @@ class MLXEngine(Engine):
         self._running = 0
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+        self._idle = threading.Event()
         self._closed = False
         self._samplers: dict[tuple[float, float], Callable[[Any], Any]] = {}
         self.steps = 0  # decode steps taken (status)
@@ -314,6 +316,19 @@ class MLXEngine(Engine):
             self._publish()
             return True
 
+    def _abandon(self, seq: _Seq) -> None:
+        """The caller is gone (or done): free its place now. A queued request leaves the queue;
+        a running one stops counting against admission at once and leaves the batch at the
+        batch thread's next step (it sees `cancelled`)."""
+        seq.cancelled.set()
+        if self._withdraw(seq):
+            return
+        with self._cond:
+            if seq.state == "running":
+                seq.state = "leaving"
+                self._running -= 1
+                self._publish()
+
     def _release(self, seq: _Seq) -> None:
         with self._cond:
             if seq.state == "running":
@@ -384,15 +399,16 @@ class MLXEngine(Engine):
                     return
         finally:
             # A client that goes away: a queued request leaves the queue now, a running one
-            # leaves the batch at the next decode step.
-            seq.cancelled.set()
-            self._withdraw(seq)
+            # frees its place now and leaves the batch at the next decode step.
+            self._abandon(seq)
 
     # --- the batch thread -------------------------------------------------------------------
 
     def _loop(self, warm: bool) -> None:
         """The batch thread. It never exits: a thread that has used MLX must not end while the
         process lives (MLX aborts with `terminate called without an active exception`)."""
+        import mlx.core as mx
+
         try:
             if warm:
                 self.warmup()
@@ -403,9 +419,15 @@ class MLXEngine(Engine):
         gen: Any = None
         active: dict[int, _Seq] = {}
         while True:
+            if not active and gen is not None:
+                # Idle: let the step mlx-lm evaluated ahead (async) finish before sleeping.
+                with contextlib.suppress(Exception):
+                    mx.synchronize(gen.stream)
             with self._cond:
                 while not self._queue and not active:
+                    self._idle.set()  # outside MLX: the process may exit now (see _drain)
                     self._cond.wait()
+                self._idle.clear()
                 room = self.settings.max_concurrency - len(active)
                 newcomers = []
                 while self._queue and room > 0:
@@ -691,10 +713,18 @@ class MLXEngine(Engine):
         return out
 
     def _drain(self, timeout_s: float = 5.0) -> None:
-        """At interpreter exit, wait (briefly) for running generations: MLX aborts the process
-        if it is torn down while a thread is inside it."""
+        """At interpreter exit, wait (briefly) until the batch thread is idle: MLX aborts the
+        process (`terminate called without an active exception`) if it is torn down while a
+        thread is inside it, and a caller may exit the moment its last event arrives."""
+        if self._thread is None:
+            return
+        with self._cond:
+            self._closed = True
         deadline = time.monotonic() + timeout_s
-        while (self._running or self._queue) and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            with self._cond:
+                if not self._queue and not self._running and self._idle.is_set():
+                    return
             time.sleep(0.01)
 
     async def aclose(self) -> None:
