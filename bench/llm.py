@@ -284,6 +284,31 @@ async def schema_set(server: Server, model: str) -> tuple[int, int, list[str]]:
     return sum(results), len(results), problems
 
 
+def merge(into: Level, part: Level) -> None:
+    into.tokens += part.tokens
+    into.requests += part.requests
+    into.failures += part.failures
+    into.wall_s += part.wall_s
+    into.ttft_s += part.ttft_s
+    into.gaps_s += part.gaps_s
+    into.errors += part.errors
+
+
+def ratios(rows: list[Level]) -> list[str]:
+    """Tiffin tokens/s over mlx_lm.server tokens/s, per model and level (same run)."""
+    out = []
+    by_key = {(r.model, r.concurrency, r.system, r.mode): r for r in rows}
+    for r in rows:
+        other = by_key.get((r.model, r.concurrency, "mlx_lm.server", r.mode))
+        if r.system == "tiffin" and other is not None and other.tokens_per_s:
+            out.append(
+                f"{r.model} at {r.concurrency} streams: Tiffin {r.tokens_per_s:.0f} vs "
+                f"mlx_lm.server {other.tokens_per_s:.0f} tokens/s = "
+                f"{r.tokens_per_s / other.tokens_per_s:.2f}x"
+            )
+    return out
+
+
 def requests_for(concurrency: int, bench_model: bool) -> int:
     """Two rounds per client at low concurrency; one at 32+ on the bench-size model (which
     already keeps every client busy for tens of seconds)."""
@@ -337,13 +362,29 @@ def main(argv: list[str] | None = None) -> int:
             if bench_model:
                 from tiffin.llm.response_models import FraudExplanation
 
+                # Unconstrained vs json_schema at 8 streams, in ABBA order so that a drift in
+                # the machine's load (other work on the box) weighs on both alike; pooled.
                 schema = FraudExplanation.model_json_schema()
-                n = requests_for(8, bench_model)
-                for mode, target in (("text", None), ("json_schema", schema)):
-                    level = asyncio.run(run_level(tiffin, name, 8, n, 160, mode, target))
-                    level.mode = f"{mode} (max 160)"
+                pooled = {
+                    mode: Level(tiffin.name, name, 8, f"{mode} (max 160)")
+                    for mode in ("text", "json_schema")
+                }
+                for mode in ("text", "json_schema", "json_schema", "text"):
+                    target = schema if mode == "json_schema" else None
+                    part = asyncio.run(run_level(tiffin, name, 8, 8, 160, mode, target))
+                    merge(pooled[mode], part)
+                for level in pooled.values():
                     rows.append(level)
                     print(level.row(), flush=True)
+                text_tps = pooled["text"].tokens_per_s
+                json_tps = pooled["json_schema"].tokens_per_s
+                notes.append(
+                    f"Tiffin, {name}, 8 streams: json_schema {json_tps:.0f} tokens/s vs text "
+                    f"{text_tps:.0f} tokens/s: constrained decoding costs "
+                    f"{100 * (1 - json_tps / text_tps):.0f}%"
+                    if text_tps
+                    else "no unconstrained tokens"
+                )
             else:
                 valid, total, problems = asyncio.run(schema_set(tiffin, name))
                 notes.append(
@@ -354,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             mlx.stop()
             tiffin.stop()
+    notes = ratios(rows) + notes
     table = "\n".join([HEADER, *(r.row() for r in rows)])
     errors = sorted({e for r in rows for e in r.errors[:3]})
     text = f"{table}\n\n" + "\n".join(f"- {n}" for n in notes)

@@ -20,6 +20,7 @@ import asyncio
 import atexit
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -147,6 +148,19 @@ class _Seq:
             self.cancelled.set()
 
 
+class _Lane:
+    """One batch thread with its own BatchGenerator and MLX stream. `size` (sequences in its
+    batch) is read by the other lanes under the engine's lock to balance newcomers."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.size = 0
+        self.steps = 0
+        self.peak = 0
+        self.idle = threading.Event()
+        self.ready = threading.Event()
+
+
 class MLXEngine(Engine):
     kind = "mlx"
 
@@ -167,13 +181,9 @@ class MLXEngine(Engine):
         self._cond = threading.Condition()
         self._queue: deque[_Seq] = deque()
         self._running = 0
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._idle = threading.Event()
+        self._lanes: list[_Lane] = []
         self._closed = False
         self._samplers: dict[tuple[float, float], Callable[[Any], Any]] = {}
-        self.steps = 0  # decode steps taken (status)
-        self.peak_batch = 0  # most sequences decoded together so far (status)
 
     # --- loading ----------------------------------------------------------------------------
 
@@ -200,13 +210,13 @@ class MLXEngine(Engine):
             self.load_seconds,
         )
 
-    def warmup(self) -> None:
+    def warmup(self, stream: Any = None) -> None:
         """Two short batched generations (plain and seeded), so the first request does not pay
-        for MLX's lazy set-up of the batched kernels. Runs in the batch thread."""
+        for MLX's lazy set-up of the batched kernels. Runs in each batch thread."""
         from mlx_lm.generate import BatchGenerator
 
         ids = self._encode(Prompt(text="warm up"))
-        gen = BatchGenerator(self.model, stop_tokens=[[t] for t in self._eos()])
+        gen = BatchGenerator(self.model, stop_tokens=[[t] for t in self._eos()], stream=stream)
         plain = GenerationParams(2, 0.7)
         seeded = GenerationParams(2, 0.7, seed=1)
         gen.insert(
@@ -221,20 +231,31 @@ class MLXEngine(Engine):
         gen.close()
 
     def start_workers(self, warm: bool = True) -> None:
-        """Start the batch thread now (warmed up) instead of on the first request."""
+        """Start the batch threads now (warmed up) instead of on the first request."""
         self._start(warm)
+
+    def lane_count(self) -> int:
+        """Batch threads: `decode_lanes`, or by default one per CPU core (at most 2) on MLX's CPU
+        backend, whose matrix products run single-threaded per stream, and one on a GPU."""
+        if self.settings.decode_lanes:
+            return self.settings.decode_lanes
+        if "gpu" in self.device:
+            return 1
+        return max(1, min(2, os.cpu_count() or 1))
 
     def _start(self, warm: bool = True) -> None:
         with self._cond:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._loop,
-                    args=(warm and self.loaded,),
-                    name="tiffin-mlx-batch",
-                    daemon=True,
-                )
-                self._thread.start()
-        self._ready.wait(120)
+            if not self._lanes:
+                self._lanes = [_Lane(i) for i in range(self.lane_count())]
+                for lane in self._lanes:
+                    threading.Thread(
+                        target=self._loop,
+                        args=(lane, warm and self.loaded),
+                        name=f"tiffin-mlx-batch-{lane.index}",
+                        daemon=True,
+                    ).start()
+        for lane in self._lanes:
+            lane.ready.wait(120)
 
     @property
     def loaded(self) -> bool:
@@ -302,7 +323,7 @@ class MLXEngine(Engine):
                 )
             self._queue.append(seq)
             self._publish()
-            self._cond.notify()
+            self._cond.notify_all()
 
     def _withdraw(self, seq: _Seq) -> bool:
         """Take a request out of the queue if it is still there (it leaves at once, freeing its
@@ -404,18 +425,21 @@ class MLXEngine(Engine):
 
     # --- the batch thread -------------------------------------------------------------------
 
-    def _loop(self, warm: bool) -> None:
-        """The batch thread. It never exits: a thread that has used MLX must not end while the
+    def _loop(self, lane: _Lane, warm: bool) -> None:
+        """A batch thread. It never exits: a thread that has used MLX must not end while the
         process lives (MLX aborts with `terminate called without an active exception`)."""
         import mlx.core as mx
 
+        # Lanes beyond the first get their own MLX stream, hence their own CPU thread: on the
+        # CPU backend, one stream computes on one core.
+        stream = mx.new_stream(mx.default_device()) if lane.index else None
         try:
             if warm:
-                self.warmup()
+                self.warmup(stream)
         except Exception:
             log.exception("mlx warm-up failed")
         finally:
-            self._ready.set()
+            lane.ready.set()
         gen: Any = None
         active: dict[int, _Seq] = {}
         while True:
@@ -425,24 +449,16 @@ class MLXEngine(Engine):
                     mx.synchronize(gen.stream)
             with self._cond:
                 while not self._queue and not active:
-                    self._idle.set()  # outside MLX: the process may exit now (see _drain)
+                    lane.idle.set()  # outside MLX: the process may exit now (see _drain)
                     self._cond.wait()
-                self._idle.clear()
-                room = self.settings.max_concurrency - len(active)
-                newcomers = []
-                while self._queue and room > 0:
-                    seq = self._queue.popleft()
-                    seq.state = "running"
-                    self._running += 1
-                    room -= 1
-                    newcomers.append(seq)
-                self._publish()
+                lane.idle.clear()
+                newcomers = self._take(lane)
             try:
                 if gen is None:
-                    gen = self._generator()
+                    gen = self._generator(stream)
                 for seq in newcomers:
                     self._join(gen, active, seq)
-                self._leave(gen, active, [u for u, s in active.items() if self._gone(s)])
+                self._leave(lane, gen, active, [u for u, s in active.items() if self._gone(s)])
                 if not active:
                     continue
                 _, responses = gen.next()
@@ -452,12 +468,14 @@ class MLXEngine(Engine):
                     seq.emit(BackendFailure(f"the mlx engine failed: {type(exc).__name__}: {exc}"))
                     self._release(seq)
                 active.clear()
+                with self._cond:
+                    lane.size = 0
                 with contextlib.suppress(Exception):
                     gen.close()
                 gen = None
                 continue
-            self.steps += 1
-            self.peak_batch = max(self.peak_batch, len(active))
+            lane.steps += 1
+            lane.peak = max(lane.peak, len(active))
             now = time.monotonic()
             done: list[int] = []
             for response in responses:
@@ -478,14 +496,37 @@ class MLXEngine(Engine):
                 if over is not None:
                     self._complete(seq, *over)
                     done.append(response.uid)
-            self._leave(gen, active, done)
+            self._leave(lane, gen, active, done)
 
-    def _generator(self) -> Any:
+    def _take(self, lane: _Lane) -> list[_Seq]:
+        """Under the lock: the queued requests this lane takes into its batch now — its share of
+        everything running or waiting across lanes, within `max_concurrency` overall."""
+        lanes = len(self._lanes)
+        total = sum(other.size for other in self._lanes) + len(self._queue)
+        share = -(-total // lanes)  # ceil
+        room = min(
+            share - lane.size,
+            self.settings.max_concurrency - self._running,
+        )
+        newcomers = []
+        while self._queue and room > 0:
+            seq = self._queue.popleft()
+            seq.state = "running"
+            self._running += 1
+            lane.size += 1
+            room -= 1
+            newcomers.append(seq)
+        if newcomers:
+            self._publish()
+        return newcomers
+
+    def _generator(self, stream: Any) -> Any:
         from mlx_lm.generate import BatchGenerator
 
         width = max(8, self.settings.max_concurrency)
         return BatchGenerator(
             self.model,
+            stream=stream,
             stop_tokens=[[t] for t in self._eos()],
             completion_batch_size=width,
             prefill_batch_size=min(8, width),
@@ -544,7 +585,7 @@ class MLXEngine(Engine):
         seq.uid = uid
         active[uid] = seq
 
-    def _leave(self, gen: Any, active: dict[int, _Seq], uids: list[int]) -> None:
+    def _leave(self, lane: _Lane, gen: Any, active: dict[int, _Seq], uids: list[int]) -> None:
         if not uids:
             return
         # Sequences the generator already retired (budget or end-of-sequence) are not in it any
@@ -554,6 +595,10 @@ class MLXEngine(Engine):
             seq = active.pop(uid, None)
             if seq is not None:
                 self._release(seq)
+        with self._cond:
+            lane.size = len(active)
+            if self._queue:
+                self._cond.notify_all()  # places are free: a lane may take the waiting now
 
     def _on_token(self, seq: _Seq, token: int, now: float) -> tuple[str, bool] | None:
         """Handle one generated token; (finish_reason, cut) when the sequence is over."""
@@ -701,8 +746,9 @@ class MLXEngine(Engine):
             "running": self._running,
             "max_concurrency": self.settings.max_concurrency,
             "max_queue": self.settings.max_queue,
-            "decode_steps": self.steps,
-            "peak_batch": self.peak_batch,
+            "lanes": len(self._lanes),
+            "decode_steps": sum(lane.steps for lane in self._lanes),
+            "peak_batch": max((lane.peak for lane in self._lanes), default=0),
         }
         if self.loaded:
             out["context_window"] = self.context_window
@@ -713,17 +759,18 @@ class MLXEngine(Engine):
         return out
 
     def _drain(self, timeout_s: float = 5.0) -> None:
-        """At interpreter exit, wait (briefly) until the batch thread is idle: MLX aborts the
+        """At interpreter exit, wait (briefly) until every batch thread is idle: MLX aborts the
         process (`terminate called without an active exception`) if it is torn down while a
         thread is inside it, and a caller may exit the moment its last event arrives."""
-        if self._thread is None:
+        if not self._lanes:
             return
         with self._cond:
             self._closed = True
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self._cond:
-                if not self._queue and not self._running and self._idle.is_set():
+                idle = all(lane.idle.is_set() for lane in self._lanes)
+                if not self._queue and not self._running and idle:
                     return
             time.sleep(0.01)
 
