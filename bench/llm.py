@@ -38,6 +38,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 LEVELS = (1, 8, 32, 64)
+TARGET_LEVELS = (8, 32)  # where the issue sets the tokens/s target against mlx_lm.server
 PROMPT = "Summarise the risk of card {i} paying a new merchant abroad late at night."
 
 
@@ -294,27 +295,37 @@ def merge(into: Level, part: Level) -> None:
     into.errors += part.errors
 
 
-def ratios(rows: list[Level]) -> list[str]:
-    """Tiffin tokens/s over mlx_lm.server tokens/s, per model and level (same run)."""
+def ratios(rows: list[Level], per_round: dict[tuple[str, int, str], list[float]]) -> list[str]:
+    """Tiffin tokens/s over mlx_lm.server tokens/s, per model and level (same run): pooled, and
+    per round where there were several."""
     out = []
     by_key = {(r.model, r.concurrency, r.system, r.mode): r for r in rows}
     for r in rows:
         other = by_key.get((r.model, r.concurrency, "mlx_lm.server", r.mode))
         if r.system == "tiffin" and other is not None and other.tokens_per_s:
-            out.append(
+            line = (
                 f"{r.model} at {r.concurrency} streams: Tiffin {r.tokens_per_s:.0f} vs "
                 f"mlx_lm.server {other.tokens_per_s:.0f} tokens/s = "
                 f"{r.tokens_per_s / other.tokens_per_s:.2f}x"
             )
+            mine = per_round.get((r.model, r.concurrency, "tiffin"), [])
+            theirs = per_round.get((r.model, r.concurrency, "mlx_lm.server"), [])
+            if len(mine) > 1 and len(mine) == len(theirs):
+                each = [a / b for a, b in zip(mine, theirs, strict=True) if b]
+                line += (
+                    f" (per round: {', '.join(f'{x:.2f}x' for x in each)}; median "
+                    f"{statistics.median(each):.2f}x)"
+                )
+            out.append(line)
     return out
 
 
 def requests_for(concurrency: int, bench_model: bool) -> int:
-    """Two rounds per client at low concurrency; one at 32+ on the bench-size model (which
+    """Two requests per client at low concurrency; one at 32+ on the bench-size model (which
     already keeps every client busy for tens of seconds)."""
     if bench_model and concurrency >= 32:
         return concurrency
-    return max(4, 2 * concurrency)
+    return max(2 if bench_model else 4, 2 * concurrency)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="bench,tiny", help="bench, tiny or both")
     parser.add_argument("--bench-max-tokens", type=int, default=64)
     parser.add_argument("--tiny-max-tokens", type=int, default=128)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds at the target levels (8, 32)"
+    )
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
 
@@ -335,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows: list[Level] = []
     notes: list[str] = []
+    per_round: dict[tuple[str, int, str], list[float]] = {}
     for which in args.models.split(","):
         bench_model = which == "bench"
         tag = tiny_llm.ensure_bench() if bench_model else tiny_llm.ensure()
@@ -355,8 +370,17 @@ def main(argv: list[str] | None = None) -> int:
                 asyncio.run(run_level(server, name, 1, 1, 8))
             for c in levels:
                 n = requests_for(c, bench_model)
-                for server in (tiffin, mlx):
-                    level = asyncio.run(run_level(server, name, c, n, max_tokens))
+                # The target levels are run in several rounds, alternating which system goes
+                # first (ABBA...), pooled: the box is shared, and its load drifts.
+                rounds = args.rounds if bench_model and c in TARGET_LEVELS else 1
+                pooled = {s.name: Level(s.name, name, c) for s in (tiffin, mlx)}
+                for r in range(rounds):
+                    for server in (tiffin, mlx) if r % 2 == 0 else (mlx, tiffin):
+                        part = asyncio.run(run_level(server, name, c, n, max_tokens))
+                        merge(pooled[server.name], part)
+                        per_round.setdefault((name, c, server.name), []).append(part.tokens_per_s)
+                        print(f"   round {r + 1}: {part.row()}", flush=True)
+                for level in pooled.values():
                     rows.append(level)
                     print(level.row(), flush=True)
             if bench_model:
@@ -395,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             mlx.stop()
             tiffin.stop()
-    notes = ratios(rows) + notes
+    notes = ratios(rows, per_round) + notes
     table = "\n".join([HEADER, *(r.row() for r in rows)])
     errors = sorted({e for r in rows for e in r.errors[:3]})
     text = f"{table}\n\n" + "\n".join(f"- {n}" for n in notes)

@@ -1,12 +1,13 @@
 """The in-process engine: mlx-lm on MLX (CPU backend on Linux, Metal on Apple Silicon).
 
-Continuous batching. One dedicated thread owns an mlx-lm `BatchGenerator` and runs every request
-of this worker in a single batch: a newcomer joins between two decode steps (its prompt is
-processed in chunks of `prefill_step_size` tokens, interleaved with decode steps of the running
-sequences, so a long prompt does not stall them), and a sequence leaves the moment it finishes,
-is cancelled or fails. Each sequence keeps its own sampler (temperature, top-p, seed), stop
-strings, token budget and, for structured requests, its own constrained-decoding walk whose
-logit mask is applied to its row only (`tiffin.llm.constrained`).
+Continuous batching. A batch thread owns an mlx-lm `BatchGenerator` and decodes its requests
+together in one batch (a worker runs one such lane per CPU core, at most 2 by default, each on
+its own MLX stream; newcomers go to the least busy lane). A newcomer joins between two decode
+steps (its prompt is processed in chunks of `prefill_step_size` tokens, interleaved with decode
+steps of the running sequences, so a long prompt does not stall them), and a sequence leaves the
+moment it finishes, is cancelled or fails. Each sequence keeps its own sampler (temperature,
+top-p, seed), stop strings, token budget and, for structured requests, its own
+constrained-decoding walk whose logit mask is applied to its row only (`tiffin.llm.constrained`).
 
 Admission: up to `max_concurrency` sequences decode together; up to `max_queue` more wait in a
 FIFO queue; beyond that a request gets a 503 with Retry-After at once. A request that waits past
