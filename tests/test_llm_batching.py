@@ -90,6 +90,27 @@ def test_concurrent_structured_requests_all_validate_in_one_batch(llm: LLM) -> N
     assert engine_status(llm)["peak_batch"] > 1, "the requests were not decoded together"
 
 
+def test_two_lanes_share_the_load_and_structured_outputs_still_validate() -> None:
+    """`decode_lanes=2`: two batch threads, newcomers to the least busy; both lanes decode and
+    every structured output validates."""
+    llm = build(decode_lanes=2)
+    names = sorted(SCHEMAS)
+
+    async def one(name: str) -> tuple[str, Any]:
+        target = llm.target(SCHEMAS[name], None, name)
+        params = llm.params(160, temperature=1.0, seed=7, structured=True)
+        return name, (await llm.structured(CHAT, params, target)).value
+
+    async def everything() -> list[tuple[str, Any]]:
+        return await asyncio.gather(*(one(name) for name in names))
+
+    for name, value in asyncio.run(everything()):
+        assert [e.message for e in Draft202012Validator(SCHEMAS[name]).iter_errors(value)] == []
+    status = engine_status(llm)
+    assert status["lanes"] == 2
+    assert all(peak >= 1 for peak in status["lane_peaks"]), status
+
+
 def test_seeded_output_does_not_depend_on_the_rest_of_the_batch(llm: LLM) -> None:
     """A seeded request samples with its own random key: alone or among 15 others, same text."""
     params = llm.params(24, temperature=1.0, seed=42)

@@ -112,11 +112,11 @@ class LLMSettings(BaseSettings):
     max_queue` requests get a 503 with Retry-After at once. The default lets far more than 64
     concurrent streams complete on two workers."""
 
-    decode_lanes: int | None = Field(None, ge=1, le=16)
+    decode_lanes: int = Field(1, ge=1, le=16)
     """Batch threads per worker process, each decoding its own continuous batch on its own MLX
-    stream; newcomers go to the least busy. Default: on MLX's CPU backend one per core, at most
-    2 (its matrix products run on one core per stream, so one batch leaves the other core idle
-    whenever requests reach only one worker); on a GPU one."""
+    stream (on MLX's CPU backend, its own core); newcomers go to the least busy. More than one
+    can use an idle core when requests reach only one worker; on the shared benchmark box it
+    did not pay (docs/benchmarks.md), so the default is one."""
 
     prefill_step_size: int = Field(256, ge=16, le=8192)
     """Prompt tokens of a newcomer processed between two decode steps of the running batch:
