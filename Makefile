@@ -83,6 +83,13 @@ bench-quick: setup redis-server train
 bench-profile: setup redis-server train
 	$(PY) -m bench.profile $(ARGS)
 
+# Issue 13's side-by-side LLM benchmark: Tiffin's /openai/v1/chat/completions vs mlx_lm.server
+# (shipped with mlx-lm) on the bench-size model and the tiny one, 1/8/32/64 streams (~8 min).
+.PHONY: bench-llm
+bench-llm: train
+	$(PY) -m models.tiny_llm --bench
+	$(PY) -m bench.llm $(ARGS)
+
 build: train
 	$(VENV)/bin/bentoml build .
 

@@ -7,6 +7,12 @@ for a few hundred steps. The result is a standard mlx-lm / Hugging Face model di
 (`config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json` with a chat
 template) saved to the BentoML model store as `tiffin-tiny-llm:v1`.
 
+`python -m models.tiny_llm --bench` makes the bench-size model instead, `tiffin-bench-llm:v1`: the
+same tokenizer and architecture, 13M parameters (hidden size 384, 8 layers), random weights (no
+training: its text is random tokens, so generations run to their token budget). It exists only
+for `make bench-llm`, where compute rather than Python must dominate a decode step; it is never
+packaged nor built by `make test`.
+
 Its text is nonsense that merely looks like the corpus; it exists so that every code path of the
 LLM runner (streaming, token accounting, constrained decoding, the OpenAI-compatible API) runs for
 real in tests and on a fresh machine. A version already in the store is kept unless `--force`.
@@ -32,6 +38,7 @@ import bentoml
 
 NAME = "tiffin-tiny-llm"
 VERSION = "v1"
+BENCH_NAME = "tiffin-bench-llm"
 LABEL_OWNER = "tiffin-llm"  # not "tiffin": the tabular model catalogue only lists ModelCard models
 SEED = 20240905
 
@@ -67,6 +74,19 @@ class Recipe:
     sequence_length: int = 48
     learning_rate: float = 5e-3
     seed: int = SEED
+
+
+# A Llama of ~13M parameters left at its random initialisation, for the benchmark only: each
+# decode step costs real matrix products (~26 MFLOP a token, 100x the tiny model), yet on this
+# project's 2-core CI box (MLX's reference CPU BLAS, ~2-3 GFLOP/s) a run still fits in minutes.
+BENCH_RECIPE = Recipe(
+    hidden_size=384,
+    num_hidden_layers=8,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    intermediate_size=1024,
+    train_steps=0,
+)
 
 
 # --- corpus -------------------------------------------------------------------------------------
@@ -223,6 +243,8 @@ def train_model(recipe: Recipe, config: dict[str, Any], token_ids: list[int]) ->
     mx.random.seed(recipe.seed)
     model = llama.Model(llama.ModelArgs.from_dict(config))
     mx.eval(model.parameters())
+    if recipe.train_steps == 0:  # the bench-size model keeps its random initialisation
+        return model, float("nan")
     data = np.asarray(token_ids, dtype=np.int32)
     rng = np.random.default_rng(recipe.seed)
     span = recipe.sequence_length + 1
@@ -286,7 +308,7 @@ def build(directory: Path, recipe: Recipe | None = None) -> dict[str, Any]:
         "eos_token_id": eos_id,
         "parameters": parameters,
         "corpus_tokens": len(token_ids),
-        "final_train_loss": round(loss, 4),
+        "final_train_loss": round(loss, 4) if recipe.train_steps else "untrained",
         "build_seconds": round(time.perf_counter() - started, 2),
     }
 
@@ -294,25 +316,33 @@ def build(directory: Path, recipe: Recipe | None = None) -> dict[str, Any]:
 # --- model store --------------------------------------------------------------------------------
 
 
-def exists(version: str = VERSION) -> bool:
+def exists(version: str = VERSION, name: str = NAME) -> bool:
     try:
-        bentoml.models.get(bentoml.Tag(NAME, version))
+        bentoml.models.get(bentoml.Tag(name, version))
     except bentoml.exceptions.NotFound:
         return False
     return True
 
 
-def save_to_store(recipe: Recipe | None = None, version: str = VERSION) -> tuple[str, dict]:
+def save_to_store(
+    recipe: Recipe | None = None, version: str = VERSION, name: str = NAME
+) -> tuple[str, dict]:
+    bench = name == BENCH_NAME
+    description = (
+        "Random-weight Llama of the benchmark's size; output is random tokens by design"
+        if bench
+        else "Tiny Llama trained on generated text; output is nonsense by design"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         report = build(Path(tmp), recipe)
         with bentoml.models.create(
-            bentoml.Tag(NAME, version),
+            bentoml.Tag(name, version),
             labels={"owner": LABEL_OWNER, "family": "llm", "framework": "mlx"},
             metadata={
                 **report,
                 "architecture": "llama",
                 "task": "text-generation",
-                "description": "Tiny Llama trained on generated text; output is nonsense by design",
+                "description": description,
             },
             module="models.tiny_llm",
         ) as model_ref:
@@ -331,22 +361,38 @@ def ensure(version: str = VERSION, force: bool = False) -> str:
     return tag
 
 
+def ensure_bench(force: bool = False) -> str:
+    """The bench-size model (`tiffin-bench-llm:v1`), built unless stored; returns its tag."""
+    tag = f"{BENCH_NAME}:{VERSION}"
+    if exists(VERSION, BENCH_NAME) and not force:
+        return tag
+    if exists(VERSION, BENCH_NAME):
+        bentoml.models.delete(tag)
+    return save_to_store(BENCH_RECIPE, VERSION, BENCH_NAME)[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--force", action="store_true", help="rebuild even if stored")
     parser.add_argument("--output", type=Path, help="write the model directory here instead")
+    parser.add_argument(
+        "--bench", action="store_true", help=f"the bench-size random-weight model ({BENCH_NAME})"
+    )
     args = parser.parse_args(argv)
+    recipe = BENCH_RECIPE if args.bench else Recipe()
+    name = BENCH_NAME if args.bench else NAME
     if args.output is not None:
-        print(json.dumps(build(args.output), indent=2))
+        print(json.dumps(build(args.output, recipe), indent=2))
         return 0
-    prefix = f"{NAME}:{VERSION}"
-    if exists() and not args.force:
+    prefix = f"{name}:{VERSION}"
+    if exists(VERSION, name) and not args.force:
         print(f"{prefix} already in the model store, kept", flush=True)
         return 0
-    if exists():
+    if exists(VERSION, name):
         bentoml.models.delete(prefix)
-    print(f"{prefix} training tokenizer and tiny Llama on generated text ...", flush=True)
-    tag, report = save_to_store()
+    what = "random-weight bench-size Llama" if args.bench else "tiny Llama on generated text"
+    print(f"{prefix} training tokenizer, building {what} ...", flush=True)
+    tag, report = save_to_store(recipe, VERSION, name)
     shown = ", ".join(
         f"{k}={report[k]}"
         for k in ("parameters", "vocab_size", "final_train_loss", "build_seconds")

@@ -25,6 +25,7 @@ class LLMMetrics:
     tokens_per_second: Histogram
     time_to_first_token: Histogram
     queue_depth: Gauge
+    queue_wait: Histogram
     in_flight: Gauge
     structured_failures: Counter
     guard_events: Counter
@@ -68,9 +69,15 @@ def llm_metrics() -> LLMMetrics:
             ["model"],
             multiprocess_mode="livesum",
         ),
+        queue_wait=Histogram(
+            "llm_queue_wait_seconds",
+            "Time a request waited in the in-process engine's queue before joining the batch",
+            ["model", "engine"],
+            buckets=TTFT_BUCKETS,
+        ),
         in_flight=Gauge(
             "llm_generations_in_flight",
-            "Generations running in the in-process engine",
+            "Sequences in the in-process engine's running batch (the batch size)",
             ["model"],
             multiprocess_mode="livesum",
         ),

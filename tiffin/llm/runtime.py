@@ -9,6 +9,7 @@ the breaker state and never a hang, outputs are sanitized, metrics are recorded 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -39,6 +40,20 @@ from tiffin.llm.settings import LLMSettings, llm_settings
 log = logging.getLogger("tiffin.llm")
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+@contextlib.asynccontextmanager
+async def _closing(events: AsyncIterator[Event]) -> AsyncIterator[AsyncIterator[Event]]:
+    """`contextlib.aclosing` for an engine's event stream (an async generator typed as an
+    iterator): closed on exit, so the engine frees the request's place at once."""
+    try:
+        yield events
+    finally:
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
 MAX_STOP_SEQUENCES = 4
 # MLX seeds its PRNG with an unsigned 64-bit integer (`mx.random.seed` raises TypeError outside
 # [0, 2**64 - 1], inside the engine, where it counted against the circuit breaker), structured
@@ -370,36 +385,40 @@ class LLM:
             self._admit()
             admitted = True
             parts: list[str] = []
-            async for event in engine.stream(prompt, params, target):
-                if isinstance(event, Delta):
-                    if target is None:
-                        text, removed = guards.sanitize(event.text)
-                        for what in removed:
-                            llm_metrics().guard_events.labels(what, "sanitized").inc()
-                        event = Delta(text)
-                    else:
-                        parts.append(event.text)
-                    if event.text:
-                        yield event
-                    continue
-                self.breaker.record_success()
-                self._publish_breaker()
-                self._observe(event, endpoint)
-                if target is not None:
-                    try:
-                        target.validate("".join(parts))
-                    except OutputInvalid as exc:
-                        llm_metrics().structured_failures.labels(
-                            self.model_id, self.engine_kind, "final"
-                        ).inc()
-                        log.error("streamed structured output did not validate: %s", exc)
-                        status = "invalid_output"
-                        yield event
-                        return
-                status = "ok"
-                yield event
-        except asyncio.CancelledError:
-            status = "cancelled"
+            # When this stream is closed (client gone), the engine's stream must be closed now,
+            # not when it is garbage-collected, so that its place is freed at once.
+            async with _closing(engine.stream(prompt, params, target)) as events:
+                async for event in events:
+                    if isinstance(event, Delta):
+                        if target is None:
+                            text, removed = guards.sanitize(event.text)
+                            for what in removed:
+                                llm_metrics().guard_events.labels(what, "sanitized").inc()
+                            event = Delta(text)
+                        else:
+                            parts.append(event.text)
+                        if event.text:
+                            yield event
+                        continue
+                    self.breaker.record_success()
+                    self._publish_breaker()
+                    self._observe(event, endpoint)
+                    if target is not None:
+                        try:
+                            target.validate("".join(parts))
+                        except OutputInvalid as exc:
+                            llm_metrics().structured_failures.labels(
+                                self.model_id, self.engine_kind, "final"
+                            ).inc()
+                            log.error("streamed structured output did not validate: %s", exc)
+                            status = "invalid_output"
+                            yield event
+                            return
+                    status = "ok"
+                    yield event
+        except (asyncio.CancelledError, GeneratorExit):  # the caller went away mid-stream
+            if status != "ok":
+                status = "cancelled"
             raise
         except BackendFailure as exc:
             status = "unavailable"

@@ -101,12 +101,27 @@ class LLMSettings(BaseSettings):
 
     # --- concurrency and deadlines ---------------------------------------------------------
 
-    max_concurrency: int = Field(1, ge=1, le=16)
-    """Generations run at once by the in-process engine (per worker process); more wait in the
-    queue. On CPU one at a time gives the best tokens/s."""
+    max_concurrency: int = Field(32, ge=1, le=256)
+    """Sequences the in-process engine decodes together in one continuous batch (per worker
+    process); more wait in the queue. Requests join and leave the batch between decode steps.
+    On a CPU, tokens/s grows with the batch until the matrix products become compute-bound
+    (about 8-16 sequences for a tens-of-millions-parameter model, 64 and more for the tiny one)."""
 
-    max_queue: int = Field(16, ge=0, le=10_000)
-    """Requests that may wait for the in-process engine; beyond it requests get a 503."""
+    max_queue: int = Field(256, ge=0, le=10_000)
+    """Requests that may wait (FIFO) for a place in the batch; beyond `max_concurrency +
+    max_queue` requests get a 503 with Retry-After at once. The default lets far more than 64
+    concurrent streams complete on two workers."""
+
+    decode_lanes: int = Field(1, ge=1, le=16)
+    """Batch threads per worker process, each decoding its own continuous batch on its own MLX
+    stream (on MLX's CPU backend, its own core); newcomers go to the least busy. More than one
+    can use an idle core when requests reach only one worker; on the shared benchmark box it
+    did not pay (docs/benchmarks.md), so the default is one."""
+
+    prefill_step_size: int = Field(256, ge=16, le=8192)
+    """Prompt tokens of a newcomer processed between two decode steps of the running batch:
+    smaller keeps inter-token latency of running streams low while long prompts arrive, larger
+    gets newcomers to their first token sooner."""
 
     queue_timeout_s: float = Field(30.0, gt=0, le=600)
     """Longest wait in the queue before a request gets a 503 instead of a generation."""
