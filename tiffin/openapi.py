@@ -25,6 +25,22 @@ ERROR_SCHEMA = {
     },
     "required": ["error"],
 }
+OPENAI_ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+            "required": ["message", "type"],
+        }
+    },
+    "required": ["error"],
+}
 
 
 @dataclass(frozen=True)
@@ -42,11 +58,16 @@ def _schema(annotation: Any, defs: dict[str, Any]) -> dict[str, Any]:
 
 
 def openapi_document(docs: list[ApiDoc], routes: list[BaseRoute]) -> dict[str, Any]:
-    defs: dict[str, Any] = {"Error": ERROR_SCHEMA}
-    error = {
-        "description": "a client or server error",
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-    }
+    defs: dict[str, Any] = {"Error": ERROR_SCHEMA, "OpenAIError": OPENAI_ERROR_SCHEMA}
+
+    def error_for(path: str) -> dict[str, Any]:  # the OpenAI-compatible API answers in its shape
+        ref = "OpenAIError" if path.startswith("/openai/") else "Error"
+        return {
+            "description": "a client or server error",
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}},
+        }
+
+    error = error_for("/")
     paths: dict[str, Any] = {}
     for doc in docs:
         paths[doc.path] = {
@@ -75,7 +96,11 @@ def openapi_document(docs: list[ApiDoc], routes: list[BaseRoute]) -> dict[str, A
         ]
         operation: dict[str, Any] = {
             "operationId": f"{method}_{re.sub(r'[^A-Za-z0-9]+', '_', path).strip('_')}",
-            "responses": {"200": {"description": "OK"}, "4XX": error, "5XX": error},
+            "responses": {
+                "200": {"description": "OK"},
+                "4XX": error_for(path),
+                "5XX": error_for(path),
+            },
         }
         if parameters:
             operation["parameters"] = parameters
