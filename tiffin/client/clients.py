@@ -360,6 +360,9 @@ class TiffinClient:
         if self.local and transport is None:
             from anyio.from_thread import start_blocking_portal
 
+            # Built on this thread, not the portal's: the LLM warms up with MLX there, and a
+            # thread that used MLX must outlive the process (MLX aborts when it exits).
+            app = app if app is not None else _local_app()
             self._portal_cm = start_blocking_portal()
             self._portal = self._portal_cm.__enter__()
             try:
@@ -376,10 +379,9 @@ class TiffinClient:
             )
 
     async def _make_async(self, app: Any) -> AsyncTiffinClient:
-        # Built on the portal's loop, so the in-process app is created where it will run.
         return AsyncTiffinClient(
             local=True,
-            app=app if app is not None else _local_app(),
+            app=app,
             timeout_s=self.settings.timeout_s,
             retries=self.settings.retries,
             token=self.settings.token.get_secret_value() if self.settings.token else None,
