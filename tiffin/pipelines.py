@@ -28,7 +28,7 @@ from tiffin.feature_store import EntityColumns, FeatureStore
 from tiffin.lifecycle.router import Answer, Router, score_sample
 from tiffin.llm.response_models import FraudExplanation
 from tiffin.logs import bind
-from tiffin.metrics import metrics
+from tiffin.metrics import metrics, observe_feature_age
 from tiffin.schemas import (
     AdFraudRequest,
     AdFraudResponse,
@@ -138,6 +138,7 @@ class Pipeline(Generic[Req, Out]):
         metrics().feature_fetch.labels(ref.name, ref.version, self.store.backend).observe(
             time.perf_counter() - started
         )
+        observe_feature_age(ref.name, ref.version, columns.values())
         return columns
 
 
