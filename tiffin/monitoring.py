@@ -85,9 +85,12 @@ class Monitor:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def remember(self, now: float, snaps: vm.Snapshots) -> tuple[float, vm.Snapshots] | None:
-        """Keeps `snaps` and returns the oldest kept snapshot within the window (None: none)."""
+        """Keeps `snaps` and returns the base of the recent figures: the newest snapshot at least
+        a window old, else the oldest one (None: this is the first look)."""
         with self.lock:
-            while self.history and now - self.history[0][0] > self.settings.window_s:
+            # the newest snapshot past the window stays: with sparse polls, recent figures cover
+            # a longer (reported) window rather than falling back to everything since start
+            while len(self.history) > 1 and now - self.history[1][0] >= self.settings.window_s:
                 self.history.popleft()
             base = self.history[0] if self.history else None
             if not self.history or now - self.history[-1][0] >= 1.0:
@@ -230,41 +233,63 @@ def _version_entry(
     return entry
 
 
-def performance(worker: Worker, settings: AlertSettings, now: float) -> dict[str, Any]:
-    """Per model and version statistics, traffic, deployments and A/B tests (blocking: reads
-    other replicas' counts from Redis; call it off the event loop)."""
-    lifecycle = worker.lifecycle
-    assert lifecycle is not None
-    snaps = {model: lifecycle.stats.snapshot(model) for model in _models(worker)}
-    base = worker.monitor.remember(now, snaps)
+@dataclass(frozen=True)
+class Traffic:
+    """A model's routing as the lifecycle applies it."""
+
+    weights: dict[str, int]
+    shadows: tuple[str, ...] = ()
+    stable: str | None = None
+
+
+def model_stats(
+    snaps: vm.Snapshots,
+    base: tuple[float, vm.Snapshots] | None,
+    now: float,
+    traffic: dict[str, Traffic],
+) -> dict[str, Any]:
+    """Per model and version: cumulative statistics (`total`) and those since `base` (`recent`,
+    with a request rate), with each version's weight."""
     elapsed = now - base[0] if base is not None else None
     models: dict[str, Any] = {}
     for model, versions in snaps.items():
-        weights = lifecycle.weights(model)
-        shadows = lifecycle.shadows(model)
+        route = traffic.get(model) or Traffic({})
+        weights = route.weights
         earlier = base[1].get(model, {}) if base is not None else {}
-        names = sorted({*versions, *weights, *shadows})
         models[model] = {
             "weights": weights,
-            "shadows": list(shadows),
-            "stable": lifecycle.stable(model)
-            or max(weights, key=weights.__getitem__, default=None),
+            "shadows": list(route.shadows),
+            "stable": route.stable or max(weights, key=weights.__getitem__, default=None),
             "versions": {
                 v: {
                     "weight": weights.get(v, 0),
-                    "shadow": v in shadows,
+                    "shadow": v in route.shadows,
                     **_version_entry(
                         versions.get(v) or vm.empty(),
                         (earlier.get(v) or vm.empty()) if base is not None else None,
                         elapsed,
                     ),
                 }
-                for v in names
+                for v in sorted({*versions, *weights, *route.shadows})
             },
         }
+    return models
+
+
+def performance(worker: Worker, now: float) -> dict[str, Any]:
+    """Per model and version statistics, traffic, deployments and A/B tests (blocking: reads
+    other replicas' counts from Redis; call it off the event loop)."""
+    lifecycle = worker.lifecycle
+    assert lifecycle is not None
+    names = _models(worker)
+    snaps = {model: lifecycle.stats.snapshot(model) for model in names}
+    traffic = {
+        m: Traffic(lifecycle.weights(m), lifecycle.shadows(m), lifecycle.stable(m)) for m in names
+    }
+    base = worker.monitor.remember(now, snaps)
     return {
         "generated_at": now,
-        "models": models,
+        "models": model_stats(snaps, base, now, traffic),
         "deployments": [
             _deployment(worker, d) for d in reversed(lifecycle.state.deployments[-20:])
         ],
@@ -309,7 +334,7 @@ async def report(worker: Worker) -> dict[str, Any]:
     """`/performance/report`: performance, feature freshness, breaker, memory."""
     settings = worker.monitor.settings
     now = time.time()
-    body = await anyio.to_thread.run_sync(performance, worker, settings, now)
+    body = await anyio.to_thread.run_sync(performance, worker, now)
     gauges = await anyio.to_thread.run_sync(replica_gauges)
     body["feature_freshness"] = freshness(gauges[FRESHNESS_METRIC], now)
     body["circuit_breaker"] = await breaker(worker, gauges[BREAKER_METRIC])
