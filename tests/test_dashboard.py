@@ -300,7 +300,13 @@ def test_performance_report_and_alerts_over_http(app: Served) -> None:
         assert report["circuit_breaker"]["state"] == "closed"
         assert 0 < report["memory"]["fraction"] < 1
         assert report["thresholds"]["p95_ms"] == 100.0
+        # the page's files, and nothing else from the package
+        assert client.get("/dashboard").headers["content-type"].startswith("text/html")
+        assert "javascript" in client.get("/dashboard/app.js").headers["content-type"]
+        for path in ("/dashboard/nope.js", "/dashboard/..", "/dashboard/%2E%2E%2Fmonitoring.py"):
+            assert client.get(path).status_code == 404, path
         alerts = client.get("/alerts/active").json()
+
         assert alerts["count"] == len(alerts["alerts"])
         for alert in alerts["alerts"]:
             assert {"name", "severity", "value", "threshold", "since", "message"} <= set(alert)

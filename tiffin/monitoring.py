@@ -37,7 +37,7 @@ from starlette.routing import Route
 from tiffin.context import worker_of
 from tiffin.http_errors import endpoint
 from tiffin.lifecycle import stats as vm
-from tiffin.lifecycle.manager import breach, split_id
+from tiffin.lifecycle.manager import breach
 
 if TYPE_CHECKING:
     from tiffin.composition import Worker
@@ -326,7 +326,6 @@ def _ab_test(worker: Worker, test: Any) -> dict[str, Any]:
     out = test.model_dump(exclude={"baseline", "final_result"})
     out["result"] = result
     out["verdict"] = result.get("conclusion")
-    out["family"], _ = split_id(test.model_a)
     return out
 
 
