@@ -166,3 +166,15 @@ def test_breaker_state_without_an_llm_comes_from_the_gauge() -> None:
     assert state([({"backend": "b"}, 2.0), ({"backend": "c"}, 0.0)]) == "open"
     assert state([({"backend": "b"}, 0.0)]) == "closed"
     assert state([]) == "none"
+
+
+def test_the_page_serves_its_own_files_only() -> None:
+    from starlette.requests import Request
+
+    def status(asset: str) -> int:
+        request = Request({"type": "http", "method": "GET", "path_params": {"asset": asset}})
+        return asyncio.run(mon.dashboard_page(request)).status_code
+
+    assert status("app.js") == 200 and status("index.html") == 200
+    for outside in ("..", "../monitoring.py", "/etc/passwd", "nope.css", ""):
+        assert status(outside) == (200 if outside == "" else 404), outside  # "": the page
