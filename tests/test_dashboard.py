@@ -227,6 +227,8 @@ def test_canary_rolled_back_from_the_page(app: Served, browser: Any) -> None:
     until(lambda: "healthy" in browser.find_element("css selector", row).text, 30, "a verdict")
     assert "v2: 20 %" in browser.find_element("css selector", "#splits").text
     SCREENSHOT.parent.mkdir(exist_ok=True)
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(1400, height + 120)  # the whole page in docs/dashboard.png
     browser.save_screenshot(str(SCREENSHOT))
     browser.find_element("css selector", "#token").send_keys(token("models:write"))
     browser.find_element("css selector", f'{row} button[data-action="rollback"]').click()
