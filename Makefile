@@ -7,7 +7,7 @@ PORT ?= 3000
 HOST ?= 0.0.0.0
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test setup redis-server train seed lint typecheck unit bench build clean audit soak \
+.PHONY: serve test setup redis-server chromium train seed lint typecheck unit bench build clean audit soak \
 	deploy-tools bentos image deploy-check deploy-e2e deploy-render
 
 $(STAMP): pyproject.toml
@@ -24,6 +24,14 @@ redis-server:
 	  echo "installing redis-server"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
+# Debian's chromium and chromium-driver, installed only when missing (tests/test_dashboard.py drives
+# the dashboard in it; the test never downloads a browser and fails when it is absent).
+chromium:
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || { \
+	  echo "installing chromium and chromium-driver"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 # Trains or imports only what the model store lacks; MODEL_DIR (seed 000 layout) is imported too.
 train: setup
@@ -49,7 +57,7 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy tiffin runners models service.py bench
 
-test: setup redis-server lint typecheck
+test: setup redis-server chromium lint typecheck
 	$(VENV)/bin/pytest -q
 
 # bandit (no medium/high finding) and pip-audit over tiffin[dev]'s installed dependencies, with

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import bentoml
 
@@ -35,3 +36,6 @@ def test_bentoml_build_includes_the_models(model_store: str) -> None:
     bento = bentoml.get(tag)
     packaged = {str(m.tag) for m in bento.info.all_models}
     assert packaged >= DEFAULT_MODELS, DEFAULT_MODELS - packaged
+    # /dashboard's static files ship in the Bento, not only its Python
+    src = Path(bento.path) / "src" / "tiffin" / "dashboard"
+    assert {p.name for p in src.iterdir()} >= {"index.html", "app.js", "style.css"}

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tiffin.auth import AuthError, AuthSettings, authorize, check_startup, mint
-from tiffin.errors import ModelNotFound
+from tiffin.families import Families, LocalFamily
 from tiffin.lifecycle import stats as vm
 from tiffin.lifecycle.ab_stats import compare
 from tiffin.lifecycle.manager import LifecycleManager, breach, split_id
@@ -102,12 +102,8 @@ def test_concurrent_refreshes_never_apply_an_older_revision_last(tmp_path) -> No
     backend = FileStateBackend(str(tmp_path), ack_ttl_s=30)
     pool = GatedPool()
 
-    def pool_of(family: str) -> ModelPool:
-        if family != pool.family:
-            raise ModelNotFound(family)
-        return pool
-
-    manager = LifecycleManager(pool_of, backend, TrafficSettings())
+    families = Families({pool.family: LocalFamily(pool)}, generic=None)
+    manager = LifecycleManager(families, backend, TrafficSettings())
     backend.update(lambda s: s.family("gated").__setattr__("weights", {"slow": 100}))
     slow = threading.Thread(target=manager.refresh)  # the background tick, loading a version
     slow.start()

@@ -278,6 +278,16 @@ async def get_deployment(request: Request) -> Any:
     return found.model_dump()
 
 
+async def rollback_deployment(request: Request) -> Any:
+    """Stops a canary or rolling deployment in progress: 100% back to its stable version, now.
+    (`/models/{id}/activate` refuses while a deployment of the family runs.)"""
+    lifecycle = _lifecycle(request)
+    wanted = request.path_params["deployment_id"]
+    return (await _thread(lifecycle.rollback, wanted, "rolled back by an operator")).model_dump(
+        exclude={"baseline"}
+    )
+
+
 async def list_events(request: Request) -> Any:
     lifecycle = _lifecycle(request)
     return {"events": [e.model_dump() for e in reversed(lifecycle.state.events)]}
@@ -328,6 +338,11 @@ routes = [
     Route("/v1/metrics/{version}", endpoint(version_metrics), methods=["GET"]),
     Route("/deployments", endpoint(list_deployments), methods=["GET"]),
     Route("/deployments/{deployment_id}", endpoint(get_deployment), methods=["GET"]),
+    Route(
+        "/deployments/{deployment_id}/rollback",
+        endpoint(rollback_deployment, MODELS),
+        methods=["POST"],
+    ),
     Route("/events", endpoint(list_events), methods=["GET"]),
     Route("/ab-tests/start", endpoint(start_ab, TRAFFIC), methods=["POST"]),
     Route("/ab-tests", endpoint(list_ab), methods=["GET"]),

@@ -31,6 +31,7 @@ from tiffin.llm.forward import ForwardedLLM
 from tiffin.llm.runtime import LLM
 from tiffin.llm.settings import LLMSettings
 from tiffin.logs import configure_logging
+from tiffin.monitoring import Monitor
 from tiffin.pipelines import Explainer, Scoring
 from tiffin.settings import FeatureStoreSettings, ModelSettings, ServerSettings
 from tiffin.topology import TopologySettings
@@ -74,6 +75,8 @@ class Worker:
     auth: AuthSettings | None = None
     """Who may call the admin API (tabular workers only)."""
     started_at: float = field(default_factory=time.time)
+    monitor: Monitor = field(default_factory=Monitor)
+    """Earlier snapshots and alert start times behind `/performance/report` and `/alerts/active`."""
 
     async def loaded_versions(self) -> dict[str, list[dict[str, Any]]]:
         """Every loaded family's versions; a runner's answer may need a network call."""

@@ -6,17 +6,22 @@ module, and a metric created before that would be invisible on the shared `/metr
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psutil
 from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from tiffin.feature_store import EntityColumns
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 SCORE_BUCKETS = tuple(round(i / 20, 2) for i in range(1, 21))
@@ -39,6 +44,7 @@ class Metrics:
     memory_rss: Gauge
     memory_limit: Gauge
     stages: Histogram
+    feature_oldest: Gauge
 
 
 @lru_cache
@@ -121,6 +127,15 @@ def _create() -> Metrics:
             "Time in each stage of the request pipeline: route, features, predict, respond",
             ["model", "version", "stage"],
             buckets=LATENCY_BUCKETS,
+        ),
+        # A timestamp rather than an age: it stays true between requests (age = now - value,
+        # `time() - feature_oldest_record_timestamp_seconds` in PromQL), and the oldest record
+        # over the workers is what a freshness alert is about (livemin).
+        feature_oldest=Gauge(
+            "feature_oldest_record_timestamp_seconds",
+            "When the oldest feature-store record the last request of a worker used was written",
+            ["model", "version"],
+            multiprocess_mode="livemin",
         ),
     )
 
@@ -236,3 +251,17 @@ def observe_many(histogram: Histogram, values: np.ndarray) -> None:
     for bucket, count in zip(histogram._buckets, counts.tolist(), strict=False):
         if count:
             bucket.inc(count)
+
+
+def observe_feature_age(model: str, version: str, columns: Iterable[EntityColumns]) -> None:
+    """Sets `feature_oldest` to the oldest `written_at` of the records a request used (NaN:
+    not found, skipped); one `set` per request, nothing when no record was found."""
+    oldest = math.inf
+    for column in columns:
+        stamps = column.written_at
+        if stamps.size:
+            first = float(np.fmin.reduce(stamps))  # NaN only when no record of this kind was found
+            if first < oldest:
+                oldest = first
+    if oldest != math.inf:
+        metrics().feature_oldest.labels(model, version).set(oldest)

@@ -29,7 +29,13 @@ from tiffin.feature_store import EntityColumns, FeatureStore
 from tiffin.lifecycle.router import Answer, Router, score_sample
 from tiffin.llm.response_models import FraudExplanation
 from tiffin.logs import bind
-from tiffin.metrics import STAGE_SAMPLE, feature_fetch, observe_many, of_version
+from tiffin.metrics import (
+    STAGE_SAMPLE,
+    feature_fetch,
+    observe_feature_age,
+    observe_many,
+    of_version,
+)
 from tiffin.schemas import (
     AdFraudRequest,
     AdFraudResponse,
@@ -141,6 +147,7 @@ class Pipeline(Generic[Req, Out]):
         feature_fetch(ref.name, ref.version, self.store.backend).observe(
             time.perf_counter() - started
         )
+        observe_feature_age(ref.name, ref.version, columns.values())
         return columns
 
 

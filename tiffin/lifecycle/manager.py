@@ -334,6 +334,17 @@ class LifecycleManager:
         if window_over and enough:
             self._transition(deployment.id, rollback=None, stats=vm.summary(canary))
 
+    def rollback(self, deployment_id: str, reason: str) -> Deployment:
+        """Rolls a deployment in progress back to its stable version and waits for every worker."""
+        found = next((d for d in self.backend.load().deployments if d.id == deployment_id), None)
+        if found is None:
+            raise ModelNotFound(f"deployment {deployment_id!r} does not exist")
+        if found.status != "in_progress":
+            raise Conflict(f"deployment {deployment_id!r} is {found.status}, not in progress")
+        self._transition(deployment_id, rollback=reason, stats={})
+        self.wait_for_acks(self.backend.revision())
+        return self._find(self.state, deployment_id)
+
     def _transition(self, deployment_id: str, rollback: str | None, stats: dict[str, Any]) -> None:
         def mutate(state: TrafficState) -> None:
             d = self._find(state, deployment_id)
