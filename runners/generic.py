@@ -12,7 +12,7 @@ from typing import Any
 import bentoml
 from bentoml.models import BentoModel
 
-from tiffin.runner_base import MultiFamilyRunner, runner_service_config
+from tiffin.runner_base import MultiFamilyRunner, RunnerMetrics, runner_service_config
 
 
 @bentoml.service(name="generic_runner", **runner_service_config())
@@ -25,3 +25,6 @@ class GenericRunner(MultiFamilyRunner):
     def declared(self) -> list[Any]:
         """Loaded at start-up: each family's default version."""
         return [self.your_model, self.species_v1]
+
+
+GenericRunner.add_asgi_middleware(RunnerMetrics)  # type: ignore[attr-defined]

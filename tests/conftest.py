@@ -3,6 +3,7 @@ instances, and a real `bentoml serve` process. Nothing here is mocked."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -245,3 +246,28 @@ def stack(request: pytest.FixtureRequest, model_store: str) -> Iterator[Stack]:
     yield built
     built.stop()
     redis.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def model_store_restored(model_store: str) -> Iterator[None]:
+    """Versions a module registers (through the admin API, the CLI, the importer) leave the
+    shared store when the module ends: later modules see the store the session trained, so a
+    test's answer never depends on which modules ran before it."""
+    import bentoml
+
+    def versions() -> set[str]:
+        root = Path(BENTOML_HOME, "models")
+        return {
+            f"{name.name}:{version.name}"
+            for name in (root.iterdir() if root.is_dir() else ())
+            if name.is_dir()
+            for version in name.iterdir()
+            if version.is_dir()
+        }
+
+    before = versions()
+    yield
+    for tag in sorted(versions() - before):
+        # already gone, or a store another process is writing: leave it
+        with contextlib.suppress(Exception):
+            bentoml.models.delete(tag)

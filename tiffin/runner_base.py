@@ -26,16 +26,15 @@ from tiffin.settings import server_settings
 def runner_service_config() -> dict[str, Any]:
     """What every runner's `@bentoml.service` shares: one process each; BentoML's per-request
     access log and spans on or off as for the entry (they cost more CPU than a prediction does;
-    docs/benchmarks.md). Metrics stay on: a runner served on its own has no other `/metrics`
-    for its model loads and predictions, and it gets its own Prometheus directory when it is
-    served on its own (`bentoml serve runners.x:Svc`), like the entry (tiffin/replica.py)."""
+    docs/benchmarks.md). A runner served on its own (`bentoml serve runners.x:Svc`) gets its own
+    Prometheus directory like the entry (tiffin/replica.py), and `RunnerMetrics` serves it."""
     use_own_metrics_dir(MetricsSettings())
     server = server_settings()
     return {
         "workers": 1,
         "traffic": {"timeout": 60, "max_concurrency": 1024},
         "logging": {"access": {"enabled": server.access_log}},
-        "metrics": {"enabled": True},
+        "metrics": {"enabled": server.http_metrics},
         "tracing": {} if server.tracing else {"excluded_urls": ["."]},
     }
 
@@ -125,3 +124,22 @@ class MultiFamilyRunner(TabularRunner):
             # Assignment is atomic: two first uses at once load the default twice at worst.
             self.pools.setdefault(family, found)
         return self.pools[family]
+
+
+class RunnerMetrics:
+    """`GET /metrics` of a runner service: its workers' Tiffin metrics (model loads, the
+    predictions it served), read from its own multiprocess directory, as the entry's `/metrics`
+    does. BentoML's own endpoint reads the directory BentoML configured, not the replica's."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/metrics" and scope["method"] == "GET":
+            from starlette.requests import Request
+
+            from tiffin.ops import prometheus
+
+            await (await prometheus(Request(scope, receive)))(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

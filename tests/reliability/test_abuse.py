@@ -732,7 +732,8 @@ def test_logs_hold_no_secret_no_token_and_no_client_error_traceback(app: Served)
     for minted in TOKENS_MINTED:
         assert minted.split(".")[2] not in log
     for forged in forged_tokens().values():
-        if forged.count(".") == 2 and forged.split(".")[2]:
+        # a signature short enough to be a word ("not.a.jwt") proves nothing by its absence
+        if forged.count(".") == 2 and len(forged.split(".")[2]) >= 8:
             assert forged.split(".")[2] not in log
     assert "client error 4" in log  # client errors are still logged, at INFO
     lines = log.splitlines()
