@@ -32,7 +32,7 @@ from starlette.routing import BaseRoute, Mount, Route, Router
 from tiffin import admin, monitoring, ops, schemas
 from tiffin.composition import Worker
 from tiffin.context import WORKER
-from tiffin.http_errors import body_endpoint, decode, problem_of, tiffin_body
+from tiffin.http_errors import body_endpoint, decode, problem_of, send_json, tiffin_body
 from tiffin.llm import endpoints as llm_endpoints
 from tiffin.llm import openai_api
 from tiffin.llm import routes as llm_routes
@@ -178,21 +178,6 @@ def _json_bytes(payload: Any) -> bytes:
     return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-async def _send_json(send: Any, status: int, body: bytes, headers: Any = ()) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *((k.lower().encode(), str(v).encode()) for k, v in headers),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
 async def _read_body(receive: Any) -> bytes:
     chunks = []
     more = True
@@ -293,7 +278,9 @@ class TiffinApp:
             problem = problem_of(exc)
             status, payload = problem.status, orjson.dumps(tiffin_body(problem))
             headers = tuple(problem.headers.items())
-        await _send_json(send, status, payload, headers)
+        await send_json(
+            send, status, payload, ((k.lower().encode(), v.encode()) for k, v in headers)
+        )
 
     def _scoring(self) -> Scoring:
         assert self.worker.scoring is not None

@@ -570,7 +570,7 @@ class StoreBackend:
 
     def ready(self, name: str, version: str | None) -> bool:
         try:
-            self._pool(name).get(version)
+            self.card(name, version)  # a version that cannot be loaded has no card to give
         except TiffinError:
             return False
         return True
@@ -596,13 +596,6 @@ class RouterBackend(StoreBackend):
 
         version = version or self.families.get(name).default_version
         return model_store.card_of(model_store.get(name, version))
-
-    def ready(self, name: str, version: str | None) -> bool:
-        try:
-            self.card(name, version)
-        except TiffinError:
-            return False
-        return True
 
     async def infer(
         self, name: str, version: str | None, rows: np.ndarray
