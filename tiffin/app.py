@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
-from starlette.responses import PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import BaseRoute, Mount, Route, Router
 
 from tiffin import admin, monitoring, ops, schemas
@@ -229,13 +229,9 @@ class TiffinApp:
         schema = bentoml_schema(docs)
 
         async def openapi(_: Any) -> Any:
-            from starlette.responses import JSONResponse
-
             return JSONResponse(document)
 
         async def bentoml_client_schema(_: Any) -> Any:
-            from starlette.responses import JSONResponse
-
             return JSONResponse(schema)
 
         return [
