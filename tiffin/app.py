@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import PlainTextResponse
 from starlette.routing import BaseRoute, Mount, Route, Router
 
-from tiffin import admin, ops, schemas
+from tiffin import admin, drift_routes, ops, schemas
 from tiffin.composition import Worker
 from tiffin.context import WORKER
 from tiffin.http_errors import body_endpoint, decode, problem_of, tiffin_body
@@ -218,6 +218,7 @@ class TiffinApp:
             assert worker.families is not None and worker.scoring is not None
             inference = RouterBackend(worker.families, worker.scoring.rows)
             routes += admin.routes
+            routes += drift_routes.routes
             routes += oip_routes(lambda _: inference, max_rows=worker.server.max_batch_rows)
             # GET on a scoring path is a 405, as on every other POST-only route
             routes += [Route(path, _not_found, methods=["POST"]) for path in self.scoring]

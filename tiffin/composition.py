@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 
 from tiffin.auth import AuthSettings
+from tiffin.drift import DriftRecorder, DriftSettings
 from tiffin.families import Families, Family, LocalFamily, RemoteFamily, RunnerClient
 from tiffin.feature_store import EmbeddedFeatureStore, FeatureStore, open_store
 from tiffin.lifecycle.fleet import open_stats
@@ -207,7 +208,7 @@ def compose(
     backend = open_backend(feature_store.resolved_url(), traffic)
     # per-version statistics summed over every replica on the backend (tiffin/lifecycle/fleet.py)
     lifecycle = LifecycleManager(families, backend, traffic, open_stats(backend)).start()
-    router = Router(families, lifecycle)
+    router = Router(families, lifecycle, DriftRecorder(DriftSettings()))
     llm, forwarded = compose_llm(runners["llm"], llm_settings)
     explainer: Explainer
     if forwarded is not None:
