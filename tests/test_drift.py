@@ -96,7 +96,10 @@ def test_live_bins_are_the_reference_bins_and_unshifted_traffic_has_no_drift() -
     reference = build_reference(train, NAMES, None)
     recorder = DriftRecorder(DriftSettings())
     ref = Ref("drift_same", "v1", _card(reference))
-    for batch in np.array_split(train, 40):  # the reference rows themselves, in batches
+    # the reference rows themselves, in small batches (one broadcast comparison) and large ones
+    # (a sorted search per feature): both must put every value, edges included, where the
+    # reference did
+    for batch in [*np.array_split(train[:2000], 100), *np.array_split(train[2000:], 20)]:
         recorder.record(ref, batch)
     recorder.record(ref, train[:1])  # and one single row
     live = _live("drift_same", "v1")
@@ -119,8 +122,9 @@ def test_a_shifted_feature_is_flagged_and_the_others_are_not() -> None:
     live_rows = _rows(rng, 2000, shift=1.0)  # amounts ~e times larger
     live_rows[:100, 2] = np.nan  # 5% missing ages, where training had none: drift too
     recorder.record(ref, live_rows)
+    recorder.record(ref, live_rows[:1])  # a single row's missing age goes to the same slot
     live = _live("drift_shift", "v1")
-    assert live[bins_key("age")][MISSING] == 100
+    assert live[bins_key("age")][MISSING] == 101
     judged = report("drift_shift", "v1", reference, live, DriftSettings(min_samples=100))
     by_name = {f["feature"]: f for f in judged["features"]}
     assert by_name["amount"]["drifted"] and by_name["amount"]["psi"] > 0.2
@@ -151,6 +155,28 @@ def test_sampling_counts_a_fraction_of_requests() -> None:
         recorder.record(ref, row)
     seen = sum(_live("drift_sampled", "v1")[bins_key("amount")])
     assert 850 < seen < 1150
+
+
+def test_on_the_event_loop_counts_reach_the_counters_within_the_flush_interval() -> None:
+    import asyncio
+
+    reference = build_reference(_rows(np.random.default_rng(9), 500), NAMES, None)
+    recorder = DriftRecorder(DriftSettings(flush_interval_s=0.05))
+    ref = Ref("drift_timed", "v1", _card(reference))
+
+    async def serve() -> tuple[float, float]:
+        for _ in range(30):
+            recorder.record(ref, _rows(np.random.default_rng(10), 1))
+        before = sum(_live_or_empty("drift_timed", "v1").get(bins_key("flag"), [0.0]))
+        await asyncio.sleep(0.2)
+        return before, sum(_live("drift_timed", "v1")[bins_key("flag")])
+
+    before, after = asyncio.run(serve())
+    assert before == 0 and after == 30  # pending first, then one flush for all 30 requests
+
+
+def _live_or_empty(model: str, version: str) -> vm.Snapshot:
+    return vm.collect(REGISTRY.collect(), model).get(model, {}).get(version, {})
 
 
 @pytest.fixture(scope="module")

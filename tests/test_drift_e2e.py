@@ -4,6 +4,7 @@ workers, real Redis, really trained models)."""
 from __future__ import annotations
 
 import re
+import time
 
 import httpx
 import numpy as np
@@ -13,6 +14,7 @@ from models import datagen
 from tests.conftest import Served
 from tests.test_explain import body, check_explained, tree_rows
 from tiffin import model_store
+from tiffin.drift import DriftSettings
 from tiffin.featurize import CARD_FRAUD_FEATURES
 
 pytestmark = pytest.mark.e2e
@@ -46,6 +48,7 @@ def test_shifted_traffic_is_flagged_per_feature(tiffin: Served) -> None:
     for batch in np.array_split(shifted, 12):
         answer = post(tiffin, "/predict", body("card_fraud", NAMES, batch, version="v1.0"))
         assert answer.status_code == 200, answer.text
+    time.sleep(3 * DriftSettings().flush_interval_s)  # each worker adds its counts this late
     response = httpx.get(f"{tiffin.url}/drift/card_fraud", params={"version": "v1.0"}, timeout=30)
     assert response.status_code == 200, response.text
     out = response.json()

@@ -110,6 +110,8 @@ class Worker:
         return dict(zip(names, results, strict=True))
 
     def close(self) -> None:
+        if self.router is not None and self.router.drift is not None:
+            self.router.drift.flush()  # before the final statistics publish below
         if self.lifecycle is not None:
             self.lifecycle.stop()
 

@@ -15,6 +15,7 @@ publish / fleet sum as the other lifecycle statistics (`tiffin.lifecycle.stats`)
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -33,6 +34,9 @@ MAX_BINS = 10
 SLOTS = MAX_BINS + 1
 """Bins per feature in a snapshot: up to MAX_BINS value bins, then the missing-value slot."""
 MISSING = MAX_BINS
+BROADCAST_ROWS = 32
+"""Below this many rows a batch is binned by one broadcast comparison (~3 us for a row of 16
+features); from it on by one `np.searchsorted` per feature (~80 us against ~130 us for 256 rows)."""
 SCORE_FEATURE = "__score__"
 """The `feature` label of the score's PSI on `ml_feature_drift_psi`."""
 EPS = 1e-4
@@ -56,6 +60,11 @@ class DriftSettings(BaseSettings):
     threshold: float = Field(0.2, gt=0)
     """PSI above which a feature (or the score) is reported `drifted`: 0.1-0.2 is the usual
     "moderate shift" band, above 0.2 a significant one."""
+
+    flush_interval_s: float = Field(0.2, ge=0, le=10)
+    """Counts are added to the Prometheus counters at most this long after the request (one
+    pass for every request in between, instead of one increment per feature and request), so
+    `/drift` and `/metrics` see a request this much later. 0: at the next loop iteration."""
 
     min_samples: int = Field(100, ge=1)
     """Live samples a feature needs before it can be flagged: PSI over a handful of rows is
@@ -168,37 +177,54 @@ def drift_metrics() -> DriftMetrics:
     )
 
 
-def bin_label(index: int) -> str:
-    return "missing" if index == MISSING else str(index)
-
-
 @dataclass
 class _Binner:
-    """One version's edges as a padded (features, MAX_BINS - 1) matrix and its counter children."""
+    """One version's edges as a padded (features, MAX_BINS) matrix, its counter children, and
+    the counts not yet added to them."""
 
     edges: np.ndarray
     children: list[Any]
+    pending: np.ndarray
+    offsets: np.ndarray
 
-    def record(self, rows: np.ndarray) -> None:
-        n_features = self.edges.shape[0]
-        # bin = how many interior edges lie at or below the value (np.searchsorted side="right"),
-        # for every feature in one comparison; +inf padding is never at or below a value
-        bins = (rows[:, :, None] >= self.edges[None, :, :]).sum(axis=2)
-        bins[np.isnan(rows)] = MISSING
-        flat = bins + np.arange(n_features) * SLOTS
-        counts = np.bincount(flat.ravel(), minlength=n_features * SLOTS)
-        children = self.children
-        for index in np.flatnonzero(counts).tolist():
-            children[index].inc(int(counts[index]))
+    def add(self, rows: np.ndarray) -> None:
+        # Per feature, how many edges lie at or below the value, all features in one comparison.
+        # Column 0 of `edges` is -inf (below every number, not below NaN) and the padding +inf:
+        # NaN counts 0, the missing slot; a value in reference bin b counts b + 1
+        # (np.searchsorted(edges, value, side="right") + 1).
+        if rows.shape[0] < BROADCAST_ROWS:
+            counts = np.count_nonzero(rows[:, :, None] >= self.edges, axis=2)
+        else:  # a large batch: one sorted search per feature beats the 3-d comparison
+            by_feature = np.empty((rows.shape[1], rows.shape[0]), dtype=np.intp)
+            for j, column in enumerate(rows.T):
+                by_feature[j] = np.searchsorted(self.edges[j], column, side="right")
+            counts = by_feature.T
+            counts[np.isnan(rows)] = 0  # np.searchsorted sorts NaN after every edge
+        flat = counts + self.offsets
+        if rows.shape[0] == 1:
+            self.pending[flat[0]] += 1  # one row: every index once, no histogram needed
+        else:
+            self.pending += np.bincount(flat.ravel(), minlength=self.pending.size)
+
+    def flush(self) -> None:
+        pending, children = self.pending, self.children
+        for index in np.flatnonzero(pending).tolist():
+            children[index].inc(float(pending[index]))
+        pending[:] = 0
 
 
 @dataclass
 class DriftRecorder:
     """Counts each answered batch's feature values in the answering version's reference bins.
-    One per worker; versions without a reference cost one dictionary lookup."""
+    One per worker; versions without a reference cost one dictionary lookup.
+
+    A counter increment costs ~1 us (more in multiprocess mode), so a request's counts are kept
+    in a numpy array and added to the counters at most `flush_interval_s` later, in one pass for
+    every request in between (a timer on the event loop; immediately outside one)."""
 
     settings: DriftSettings = field(default_factory=DriftSettings)
     _binners: dict[tuple[str, str], _Binner | None] = field(default_factory=dict)
+    _flush_due: bool = False
 
     def record(self, ref: Any, rows: np.ndarray) -> None:
         if not self.settings.enabled:
@@ -209,8 +235,25 @@ class DriftRecorder:
         if key not in self._binners:
             self._binners[key] = _binner(ref.name, ref.version, ref.card)
         binner = self._binners[key]
-        if binner is not None and rows.ndim == 2 and rows.shape[1] == binner.edges.shape[0]:
-            binner.record(rows)
+        if binner is None or rows.ndim != 2 or rows.shape[1] != binner.edges.shape[0]:
+            return
+        binner.add(rows)
+        if self._flush_due:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called outside a request (tests, tools): count now
+            self.flush()
+            return
+        self._flush_due = True
+        loop.call_later(self.settings.flush_interval_s, self.flush)
+
+    def flush(self) -> None:
+        """Add every pending count to the Prometheus counters."""
+        self._flush_due = False
+        for binner in self._binners.values():
+            if binner is not None:
+                binner.flush()
 
 
 def _binner(model: str, version: str, card: Any) -> _Binner | None:
@@ -220,16 +263,21 @@ def _binner(model: str, version: str, card: Any) -> _Binner | None:
     names = list(card.feature_names)
     if set(names) != set(reference.features):
         return None
-    edges = np.full((len(names), MAX_BINS - 1), np.inf, dtype=np.float32)
+    edges = np.full((len(names), MAX_BINS), np.inf, dtype=np.float32)
+    edges[:, 0] = -np.inf
     for j, name in enumerate(names):
         found = reference.features[name].edges
         # float32: the rows are float32, and a float64 edge could fall between a value and itself
-        edges[j, : len(found)] = np.asarray(found, dtype=np.float32)
+        edges[j, 1 : len(found) + 1] = np.asarray(found, dtype=np.float32)
     counter = drift_metrics().bins
+    # child j * SLOTS + c counts feature j's values with c edges at or below them (see `add`)
     children = [
-        counter.labels(model, version, name, bin_label(b)) for name in names for b in range(SLOTS)
+        counter.labels(model, version, name, "missing" if c == 0 else str(c - 1))
+        for name in names
+        for c in range(SLOTS)
     ]
-    return _Binner(edges, children)
+    offsets = np.arange(len(names)) * SLOTS
+    return _Binner(edges, children, np.zeros(len(names) * SLOTS), offsets)
 
 
 # --- judging ----------------------------------------------------------------------------------
