@@ -30,9 +30,13 @@ def _settings(worker: Worker) -> DriftSettings:
     return drift.settings if drift is not None else DriftSettings()
 
 
-def drift_of(worker: Worker, name: str, version: str | None = None) -> dict[str, Any]:
-    """Every stored version of `name` (or only `version`) judged against its reference."""
-    stored = [m for m in model_store.tiffin_models() if m.tag.name == name]
+def drift_of(
+    worker: Worker, name: str, version: str | None = None, listed: list[Any] | None = None
+) -> dict[str, Any]:
+    """Every stored version of `name` (or only `version`) judged against its reference;
+    `listed`: the model store's versions when the caller already has them."""
+    every = model_store.tiffin_models() if listed is None else listed
+    stored = [m for m in every if m.tag.name == name]
     if not stored:
         raise ModelNotFound(f"model: {name!r} is not in the model store")
     if version is not None:
@@ -72,9 +76,10 @@ def refresh_gauges(worker: Worker) -> None:
     """Recompute `ml_feature_drift_psi` for every loaded model (before a `/metrics` scrape)."""
     if worker.families is None or worker.lifecycle is None:
         return
+    listed = model_store.tiffin_models()  # once per scrape, not once per model
     for name in worker.families.loaded():
         try:
-            drift_of(worker, name)
+            drift_of(worker, name, listed=listed)
         except Exception as exc:  # a scrape must still answer; the gauge keeps its last value
             log.warning("drift of %s not refreshed: %s", name, exc)
 
