@@ -52,7 +52,7 @@ def reference_of(card: ModelCard, artifacts: dict[str, bytes], rows: np.ndarray)
     rows = np.asarray(rows, dtype=np.float32)
     if rows.ndim != 2 or rows.shape[1] != len(card.feature_names) or rows.shape[0] == 0:
         raise ModelLoadError(
-            f"reference: expected rows of {len(card.feature_names)} values "
+            f"reference_rows: expected rows of {len(card.feature_names)} values "
             f"({', '.join(card.feature_names)}), got shape {list(rows.shape)}"
         )
     if rows.shape[0] > REFERENCE_ROWS:

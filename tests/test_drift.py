@@ -206,3 +206,30 @@ def test_drift_counts_are_published_and_summed_over_replicas(redis_url: str) -> 
         snap = fleet.snapshot("drift_fleet")["v1"]
         assert sum(snap[bins_key("amount")]) == 300 + 5 * SLOTS
         assert sum(snap[bins_key("flag")]) == 300
+
+
+def test_an_imported_version_keeps_the_reference_of_the_rows_it_came_with() -> None:
+    import bentoml
+    from sklearn.linear_model import LogisticRegression
+
+    from models import datagen, importer
+    from models.train import _sklearn_artifacts
+    from tiffin import model_store
+    from tiffin.errors import ModelLoadError
+
+    x, y = datagen.two_feature_dataset(np.random.default_rng(12), 800)
+    onnx = _sklearn_artifacts(LogisticRegression().fit(x, y), 2)["model.onnx"]
+    metadata = {"feature_names": ["feature1", "feature2"], "task": "binary"}
+    with pytest.raises(ModelLoadError, match=r"^reference_rows: expected rows of 2 values"):
+        importer.import_version(
+            "drift_imported", "1", {"model.onnx": onnx}, metadata, False, x[:, :1]
+        )
+    assert not model_store.exists("drift_imported", "1")  # nothing saved on a bad reference
+    importer.import_version("drift_imported", "1", {"model.onnx": onnx}, metadata, False, x)
+    try:
+        card = model_store.card_of(model_store.get("drift_imported", "1"))
+        assert card.reference is not None and card.reference.rows == 800
+        assert card.reference.score is not None and sum(card.reference.score) == 800
+        assert set(card.reference.features) == {"feature1", "feature2"}
+    finally:
+        bentoml.models.delete("drift_imported:1")

@@ -521,9 +521,9 @@ class GenericPipeline(Pipeline[GenericPredictRequest, GenericPredictResponse]):
         return answer.scores if answer.ref.card.task == "binary" else None
 
 
-FACTOR_GROUPS = {"card_fraud": CARD_FACTORS}
+FACTOR_GROUPS: dict[str, Mapping[str, Sequence[str]]] = {"card_fraud": fz.CARD_RISK_FACTORS}
 """Families whose features have named groups (seed 001's risk factors): explanations add the
-groups' sums."""
+groups' sums, matched by feature name (a version may order its features differently)."""
 
 
 def explanation_method(card: ModelCard) -> Literal["path", "tree_shap"] | None:
@@ -559,10 +559,11 @@ def explain_rows(answer: Answer) -> Explanations:
     values = contributions.tolist()
     groups = FACTOR_GROUPS.get(answer.ref.name)
     group_sums: list[dict[str, float] | None] = [None] * len(values)
-    if groups is not None and groups.membership.shape[0] == len(names):
-        totals = (contributions @ groups.membership).tolist()
+    if groups is not None:
+        ranking = FactorRanking(groups, names)
+        totals = (contributions @ ranking.membership).tolist()
         group_sums = [
-            {g: round(t, 6) for g, t in zip(groups.names, row, strict=True)} for row in totals
+            {g: round(t, 6) for g, t in zip(ranking.names, row, strict=True)} for row in totals
         ]
     return Explanations(
         method=method,
