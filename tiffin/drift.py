@@ -56,7 +56,7 @@ class DriftSettings(BaseSettings):
     sample_rate: float = Field(1.0, gt=0, le=1)
     """Fraction of requests whose features are counted. PSI compares shares, so a uniform sample
     gives the same answer on fewer counter updates; lower it if the per-request cost shows
-    (~10 us for a 16-feature row, measured in docs/benchmarks.md)."""
+    (~3-5 us for a 16-feature row, measured in docs/benchmarks.md)."""
 
     threshold: float = Field(0.2, gt=0)
     """PSI above which a feature (or the score) is reported `drifted`: 0.1-0.2 is the usual
