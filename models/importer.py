@@ -5,6 +5,11 @@ Accepted formats (pickle is not one of them: loading a pickle runs arbitrary cod
 - the same layout with `model.json` (XGBoost JSON) or `model.txt` (LightGBM text) instead;
 - a single native file with `--file`, `--name`, `--version`, `--features`, `--task`.
 
+An optional `reference.csv` beside the artifact (a header row of feature names, then numeric rows
+of the data the model was trained on, or a representative sample; `--reference` for `--file`)
+becomes the version's reference distributions for drift (`GET /drift/{model}`); without one the
+version serves normally and `/drift` says it has no reference.
+
 `metadata.json` holds at least `feature_names` (the column order) and `task` (`binary`,
 `multiclass`, `regression` or `multi_output`); `framework`, `output_names`, `description` and
 `metrics` are optional. Every artifact is loaded, shape-checked and warmed up *before* it is saved,
@@ -28,12 +33,53 @@ import numpy as np
 from pydantic import ValidationError
 
 from tiffin import model_store
+from tiffin.drift import Reference, build_reference, reference_scores
 from tiffin.errors import ModelLoadError
 from tiffin.model_store import ARTIFACT_FILES, ModelCard
 from tiffin.runtimes import load_artifacts
 
 FORBIDDEN_SUFFIXES = {".pkl", ".pickle", ".joblib", ".sav"}
 NATIVE_BY_FILE = {v: k for k, v in ARTIFACT_FILES.items()}
+REFERENCE_FILE = "reference.csv"
+REFERENCE_ROWS = 20_000
+"""Rows a reference is computed from at most (a seeded sample of larger sets): quantiles and
+shares are stable well before that, and scoring them is part of saving the version."""
+
+
+def reference_of(card: ModelCard, artifacts: dict[str, bytes], rows: np.ndarray) -> Reference:
+    """Reference distributions of `rows` and of the scores the version, loaded as it will be
+    served, gives them."""
+    rows = np.asarray(rows, dtype=np.float32)
+    if rows.ndim != 2 or rows.shape[1] != len(card.feature_names) or rows.shape[0] == 0:
+        raise ModelLoadError(
+            f"reference_rows: expected rows of {len(card.feature_names)} values "
+            f"({', '.join(card.feature_names)}), got shape {list(rows.shape)}"
+        )
+    if rows.shape[0] > REFERENCE_ROWS:
+        picked = np.random.default_rng(0).choice(rows.shape[0], REFERENCE_ROWS, replace=False)
+        rows = rows[np.sort(picked)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for fname, blob in artifacts.items():
+            Path(tmp, fname).write_bytes(blob)
+        served = load_artifacts(
+            "reference", "check", Path(tmp), card.model_copy(update={"checksums": {}})
+        )
+        scores = reference_scores(served.predict(rows), card.task)
+    return build_reference(rows, card.feature_names, scores)
+
+
+def read_reference_csv(path: Path, feature_names: list[str]) -> np.ndarray:
+    """`reference.csv` as rows in the model's feature order (columns matched by header)."""
+    try:
+        with path.open() as f:
+            header = [h.strip() for h in f.readline().split(",")]
+        table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path.name} is not a numeric CSV with a header: {exc}") from exc
+    missing = [f for f in feature_names if f not in header]
+    if missing:
+        raise ModelLoadError(f"{path.name}: missing columns {', '.join(missing)}")
+    return table[:, [header.index(f) for f in feature_names]]
 
 
 def write_metadata(directory: Path, **fields: Any) -> None:
@@ -110,8 +156,11 @@ def import_version(
     artifacts: dict[str, bytes],
     metadata: dict[str, Any],
     force: bool = False,
+    reference_rows: np.ndarray | None = None,
 ) -> str:
-    """Check one version completely, then save it; on ModelLoadError nothing is saved."""
+    """Check one version completely, then save it; on ModelLoadError nothing is saved.
+    `reference_rows` (training data or a representative sample, in feature order) become the
+    version's reference distributions for drift."""
     try:
         bentoml.Tag(name, version)
     except ValueError as exc:
@@ -137,6 +186,8 @@ def import_version(
         )
     if onnx_blob is not None:
         artifacts = {**artifacts, "model.onnx": onnx_blob}
+    if reference_rows is not None:
+        card.reference = reference_of(card, artifacts, reference_rows)
     if force and model_store.exists(name, version):
         bentoml.models.delete(f"{name}:{version}")
     return str(model_store.save(name, version, artifacts, card))
@@ -159,7 +210,14 @@ def import_directory(root: Path, force: bool = False) -> list[str]:
         if model_store.exists(name, version) and not force:
             continue
         try:
-            tags.append(import_version(name, version, _artifacts_in(version_dir), metadata, force))
+            reference_path = version_dir / REFERENCE_FILE
+            reference = (
+                read_reference_csv(reference_path, list(metadata.get("feature_names") or []))
+                if reference_path.exists()
+                else None
+            )
+            artifacts = _artifacts_in(version_dir)
+            tags.append(import_version(name, version, artifacts, metadata, force, reference))
         except ModelLoadError as exc:
             done = f"; imported before it: {', '.join(tags)}" if tags else "; nothing was saved"
             raise ModelLoadError(f"{name}:{version}: {exc}{done}") from exc
@@ -176,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version")
     parser.add_argument("--features", help="comma-separated feature names in column order")
     parser.add_argument("--task", default="binary")
+    parser.add_argument(
+        "--reference", type=Path, help="CSV of reference rows (header: feature names) for drift"
+    )
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -190,7 +251,12 @@ def main(argv: list[str] | None = None) -> int:
             names = [f.strip() for f in args.features.split(",")]
             metadata = {"feature_names": names, "task": args.task}
             artifacts = {suffix_to_file[args.file.suffix]: args.file.read_bytes()}
-            tags = [import_version(args.name, args.version, artifacts, metadata, args.force)]
+            reference = (
+                read_reference_csv(args.reference, names) if args.reference is not None else None
+            )
+            tags = [
+                import_version(args.name, args.version, artifacts, metadata, args.force, reference)
+            ]
         else:
             parser.error("give a DIRECTORY, or --file with --name, --version and --features")
     except ModelLoadError as exc:

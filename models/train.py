@@ -77,6 +77,9 @@ def _sklearn_artifacts(model, n_features: int) -> dict[str, bytes]:
 class Trained:
     artifacts: dict[str, bytes]
     metrics: dict[str, float]
+    reference_rows: np.ndarray | None = None
+    """The training rows: the version's reference distributions for drift are computed from
+    them (tiffin.drift)."""
 
 
 def _split(x: np.ndarray, y: np.ndarray, stratify: bool = True):
@@ -103,7 +106,9 @@ def train_card_fraud(rows: int) -> Trained:
     model.fit(x_tr, y_tr)
     auc = roc_auc_score(y_te, model.predict_proba(x_te)[:, 1])
     return Trained(
-        _xgboost_artifacts(model, x.shape[1]), {"auc": auc, "positive_rate": float(y.mean())}
+        _xgboost_artifacts(model, x.shape[1]),
+        {"auc": auc, "positive_rate": float(y.mean())},
+        x_tr,
     )
 
 
@@ -118,7 +123,9 @@ def train_ad_fraud(rows: int) -> Trained:
     model.fit(x_tr, y_tr)
     auc = roc_auc_score(y_te, model.predict_proba(x_te)[:, 1])
     return Trained(
-        _xgboost_artifacts(model, x.shape[1]), {"auc": auc, "positive_rate": float(y.mean())}
+        _xgboost_artifacts(model, x.shape[1]),
+        {"auc": auc, "positive_rate": float(y.mean())},
+        x_tr,
     )
 
 
@@ -139,7 +146,9 @@ def train_ctr(rows: int) -> Trained:
     model.fit(x_tr, y_tr)
     auc = roc_auc_score(y_te, np.asarray(model.predict_proba(x_te))[:, 1])
     return Trained(
-        _lightgbm_artifacts(model, x.shape[1]), {"auc": auc, "positive_rate": float(y.mean())}
+        _lightgbm_artifacts(model, x.shape[1]),
+        {"auc": auc, "positive_rate": float(y.mean())},
+        x_tr,
     )
 
 
@@ -152,7 +161,9 @@ def train_bid(rows: int) -> Trained:
     model.fit(x_tr, y_tr)
     rmse = float(np.sqrt(mean_squared_error(y_te, model.predict(x_te))))
     return Trained(
-        _sklearn_artifacts(model, x.shape[1]), {"rmse": rmse, "target_mean": float(y.mean())}
+        _sklearn_artifacts(model, x.shape[1]),
+        {"rmse": rmse, "target_mean": float(y.mean())},
+        x_tr,
     )
 
 
@@ -175,7 +186,7 @@ def train_personalization(rows: int) -> Trained:
         f"rmse_{name}": float(np.sqrt(mean_squared_error(y_te[:, i], pred[:, i])))
         for i, name in enumerate(fz.PERSONALIZATION_OUTPUTS)
     }
-    return Trained(_sklearn_artifacts(model, x.shape[1]), metrics)
+    return Trained(_sklearn_artifacts(model, x.shape[1]), metrics, x_tr)
 
 
 def _species_split():
@@ -189,7 +200,7 @@ def train_species_v1(rows: int) -> Trained:
     x_tr, x_te, y_tr, y_te = _species_split()
     model = LogisticRegression(max_iter=500).fit(x_tr, y_tr)
     acc = accuracy_score(y_te, model.predict(x_te))
-    return Trained(_sklearn_artifacts(model, x_tr.shape[1]), {"accuracy": acc})
+    return Trained(_sklearn_artifacts(model, x_tr.shape[1]), {"accuracy": acc}, x_tr)
 
 
 def _species_mlp():
@@ -202,13 +213,13 @@ def _species_mlp():
         StandardScaler(),
         MLPClassifier(hidden_layer_sizes=(64, 64), max_iter=400, random_state=DATA_SEED),
     ).fit(x_tr, y_tr)
-    return model, x_te, y_te
+    return model, x_tr, x_te, y_te
 
 
 def train_species_v2(rows: int) -> Trained:
-    model, x_te, y_te = _species_mlp()
+    model, x_tr, x_te, y_te = _species_mlp()
     acc = accuracy_score(y_te, model.predict(x_te))
-    return Trained(_sklearn_artifacts(model, x_te.shape[1]), {"accuracy": acc})
+    return Trained(_sklearn_artifacts(model, x_te.shape[1]), {"accuracy": acc}, x_tr)
 
 
 def train_species_v2_quantized(rows: int) -> Trained:
@@ -217,7 +228,7 @@ def train_species_v2_quantized(rows: int) -> Trained:
 
     from tiffin.runtimes import OnnxPredictor
 
-    model, x_te, y_te = _species_mlp()
+    model, x_tr, x_te, y_te = _species_mlp()
     artifacts = _sklearn_artifacts(model, x_te.shape[1])
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp, "fp32.onnx"), Path(tmp, "int8.onnx")
@@ -229,6 +240,7 @@ def train_species_v2_quantized(rows: int) -> Trained:
     return Trained(
         {"model.onnx": quantized},
         {"accuracy": acc, "fp32_bytes": len(artifacts["model.onnx"]), "int8_bytes": len(quantized)},
+        x_tr,
     )
 
 
@@ -329,6 +341,8 @@ PIPELINES: tuple[Pipeline, ...] = (
 
 
 def run_pipeline(p: Pipeline, rows: int) -> str:
+    from models.importer import reference_of
+
     result = p.train(rows)
     card = ModelCard(
         family=p.name,
@@ -340,6 +354,8 @@ def run_pipeline(p: Pipeline, rows: int) -> str:
         data_seed=DATA_SEED,
         description=p.description,
     )
+    if result.reference_rows is not None:
+        card.reference = reference_of(card, result.artifacts, result.reference_rows)
     tag = model_store.save(p.name, p.version, result.artifacts, card)
     shown = ", ".join(f"{k}={v:.4f}" for k, v in card.metrics.items())
     return f"{tag} ({shown})"
@@ -357,6 +373,14 @@ def import_example_model() -> str:
         version_dir = Path(tmp, "your_model", "1.0.0")
         version_dir.mkdir(parents=True)
         version_dir.joinpath("model.onnx").write_bytes(_sklearn_artifacts(model, 2)["model.onnx"])
+        # the training rows, as a user would ship them: the version's reference for drift
+        np.savetxt(
+            version_dir / importer.REFERENCE_FILE,
+            x,
+            delimiter=",",
+            header="feature1,feature2",
+            comments="",
+        )
         importer.write_metadata(
             version_dir,
             framework="sklearn",

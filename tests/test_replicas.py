@@ -240,3 +240,40 @@ def test_ab_test_counts_every_replicas_requests(fleet: Fleet) -> None:
     stopped = fleet.admin(0, "/ab-tests/fleet-ab/stop", {})
     assert stopped.status_code == 200 and stopped.json()["status"] == "stopped", stopped.text
     assert [arms(a) for a in fleet.every("/ab-tests")] == [served] * 3  # the final result
+
+
+def test_drift_is_the_fleets_on_every_replica(fleet: Fleet) -> None:
+    """Shifted rows sent to two replicas: every replica's `/drift` counts all of them."""
+    import numpy as np
+
+    from models import datagen
+
+    path = "/drift/card_fraud?version=v1.0"
+
+    def features() -> list[dict[str, dict]]:
+        return [
+            {f["feature"]: f for f in answer["versions"][0]["features"]}
+            for answer in fleet.every(path)
+        ]
+
+    before = eventually(features, lambda got: got[0] == got[1] == got[2])
+    assert before[0] == before[1] == before[2]
+    seen = before[0]["transaction_amount"]["samples"]
+    rows = datagen.card_fraud_dataset(np.random.default_rng(11), 400)[0]
+    rows[:, list(CARD_FRAUD_FEATURES).index("transaction_amount")] *= 8.0
+    for index, batch in ((0, rows[:300]), (1, rows[300:])):
+        columns = {n: batch[:, j].tolist() for j, n in enumerate(CARD_FRAUD_FEATURES)}
+        body = {"model_name": "card_fraud", "version": "v1.0", "features": columns}
+        assert fleet.clients[index].post("/predict", json=body).status_code == 200
+    after = eventually(
+        features,
+        lambda got: (
+            all(g["transaction_amount"]["samples"] == seen + 400 for g in got)
+            and got[0] == got[1] == got[2]
+        ),
+    )
+    assert [a["transaction_amount"]["samples"] for a in after] == [seen + 400] * 3
+    assert after[0] == after[1] == after[2]  # the same PSI everywhere, feature by feature
+    # the earlier tests' traffic is one amount (30.0) over and over: drifted before and after
+    assert after[2]["transaction_amount"]["psi"] != before[2]["transaction_amount"]["psi"]
+    assert all(a["transaction_amount"]["drifted"] for a in after)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.requests import Request
 from starlette.routing import Route
@@ -53,6 +54,13 @@ class RegisterRequest(_Body):
     framework: str | None = None
     tags: list[str] = Field(default_factory=list)
     performance_metrics: dict[str, float] = Field(default_factory=dict)
+    reference_rows: list[list[float]] | None = Field(
+        None,
+        min_length=1,
+        max_length=importer.REFERENCE_ROWS,
+        description="training rows (or a representative sample) in feature order: the "
+        "version's reference distributions for drift (`GET /drift/{model}`)",
+    )
 
     @field_validator("name", "version")
     @classmethod
@@ -137,7 +145,14 @@ def _register(req: RegisterRequest) -> dict[str, Any]:
         "description": req.description or metadata.get("description", ""),
         "metrics": {**metadata.get("metrics", {}), **req.performance_metrics},
     }
-    tag = importer.import_version(req.name, req.version, artifacts, metadata)
+    reference = None
+    if req.reference_rows is not None:
+        reference = np.asarray(req.reference_rows, dtype=np.float64)
+    elif req.model_path and Path(req.model_path, importer.REFERENCE_FILE).is_file():
+        reference = importer.read_reference_csv(
+            Path(req.model_path, importer.REFERENCE_FILE), list(metadata.get("feature_names", []))
+        )
+    tag = importer.import_version(req.name, req.version, artifacts, metadata, False, reference)
     return {
         "model_id": tag,
         "status": "registered",

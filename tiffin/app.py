@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import BaseRoute, Mount, Route, Router
 
-from tiffin import admin, monitoring, ops, schemas
+from tiffin import admin, drift_routes, monitoring, ops, schemas
 from tiffin.composition import Worker
 from tiffin.context import WORKER
 from tiffin.http_errors import body_endpoint, decode, problem_of, send_json, tiffin_body
@@ -204,6 +204,7 @@ class TiffinApp:
             inference = RouterBackend(worker.families, worker.scoring.rows)
             routes += admin.routes
             routes += monitoring.routes
+            routes += drift_routes.routes
             routes += oip_routes(lambda _: inference, max_rows=worker.server.max_batch_rows)
             # GET on a scoring path is a 405, as on every other POST-only route
             routes += [Route(path, _not_found, methods=["POST"]) for path in self.scoring]

@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 
 from tiffin.auth import AuthSettings
+from tiffin.drift import DriftRecorder, DriftSettings
 from tiffin.families import Families, Family, LocalFamily, RemoteFamily, RunnerClient
 from tiffin.feature_store import EmbeddedFeatureStore, FeatureStore, open_store
 from tiffin.lifecycle.fleet import open_stats
@@ -112,6 +113,8 @@ class Worker:
         return dict(zip(names, results, strict=True))
 
     def close(self) -> None:
+        if self.router is not None and self.router.drift is not None:
+            self.router.drift.flush()  # before the final statistics publish below
         if self.lifecycle is not None:
             self.lifecycle.stop()
 
@@ -210,7 +213,7 @@ def compose(
     backend = open_backend(feature_store.resolved_url(), traffic)
     # per-version statistics summed over every replica on the backend (tiffin/lifecycle/fleet.py)
     lifecycle = LifecycleManager(families, backend, traffic, open_stats(backend)).start()
-    router = Router(families, lifecycle)
+    router = Router(families, lifecycle, DriftRecorder(DriftSettings()))
     llm, forwarded = compose_llm(runners["llm"], llm_settings)
     explainer: Explainer
     if forwarded is not None:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import bentoml
 from pydantic import BaseModel, Field
 
+from tiffin.drift import Reference
 from tiffin.errors import ModelNotFound
 
 Task = Literal["binary", "multiclass", "regression", "multi_output"]
@@ -37,6 +38,9 @@ class ModelCard(BaseModel):
     description: str = ""
     checksums: dict[str, str] = Field(default_factory=dict)
     source: str = "trained"
+    reference: Reference | None = None
+    """Feature and score distributions of the training (or import) rows, for drift
+    (`tiffin.drift`); absent on versions saved before drift tracking, which still load."""
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -166,10 +166,16 @@ async def v1_models(request: Request) -> dict[str, Any]:
     return {"models": models}
 
 
-async def prometheus(_: Request) -> Response:
+async def prometheus(request: Request) -> Response:
     """Every worker's metrics of this server (BentoML serves this itself only when its HTTP
-    metrics are on)."""
+    metrics are on). Drift PSI gauges are recomputed first, so an alert on them is as fresh as
+    the scrape."""
+    import anyio
     from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+    from tiffin.drift_routes import refresh_gauges
+
+    await anyio.to_thread.run_sync(refresh_gauges, worker_of(request))
 
     registry = REGISTRY
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -36,17 +36,21 @@ from tiffin.metrics import (
     observe_many,
     of_version,
 )
+from tiffin.model_store import ModelCard
 from tiffin.schemas import (
     AdFraudRequest,
     AdFraudResponse,
     BidRequest,
     BidResponse,
     CardFraudRequest,
+    Contribution,
     CtrRequest,
     CtrResponse,
+    Explanations,
     GenericPredictRequest,
     GenericPredictResponse,
     PersonalizationRequest,
+    RowExplanation,
 )
 from tiffin.tracing import FEATURE_FETCH, MODEL_CALL, Spans
 
@@ -105,7 +109,9 @@ class Pipeline(Generic[Req, Out]):
         features = await self.features(request, ref)
         featured = time.perf_counter()
         with self.spans.span(MODEL_CALL, model=ref.name, version=ref.version):
-            answer = await self.router.predict(choice, features.rows, started, self.explain)
+            answer = await self.router.predict(
+                choice, features.rows, started, self.explains(request)
+            )
         predicted = time.perf_counter()
         out = self.respond(request, features, answer, started)
         responded = time.perf_counter()
@@ -118,6 +124,10 @@ class Pipeline(Generic[Req, Out]):
 
     def family_of(self, request: Req) -> str:
         return self.family
+
+    def explains(self, request: Req) -> bool:
+        """Whether to ask the model for per-feature contributions too."""
+        return self.explain
 
     def entity(self, request: Req) -> str | None:
         """Requests for the same entity go to the same version while the weights stand."""
@@ -498,7 +508,15 @@ class GenericPipeline(Pipeline[GenericPredictRequest, GenericPredictResponse]):
     def pinned(self, request: GenericPredictRequest) -> str | None:
         return request.version
 
+    def explains(self, request: GenericPredictRequest) -> bool:
+        return request.explain
+
     async def features(self, request: GenericPredictRequest, ref: ModelRef) -> Features:
+        if request.explain and explanation_method(ref.card) is None:
+            raise InvalidInput(
+                f"explain: {ref.name}:{ref.version} ({ref.card.framework}, {ref.card.task}) has "
+                "no explainer; explanations need a binary or regression XGBoost or LightGBM model"
+            )
         return Features(columns_to_matrix(request.features, ref.card.feature_names))
 
     def respond(
@@ -514,10 +532,70 @@ class GenericPipeline(Pipeline[GenericPredictRequest, GenericPredictResponse]):
             model_name=answer.ref.name,
             model_version=answer.ref.version,
             latency_ms=_ms_since(started),
+            explanations=explain_rows(answer) if request.explain else None,
         )
 
     def recorded(self, answer: Answer) -> np.ndarray | None:
         return answer.scores if answer.ref.card.task == "binary" else None
+
+
+FACTOR_GROUPS: dict[str, Mapping[str, Sequence[str]]] = {"card_fraud": fz.CARD_RISK_FACTORS}
+"""Families whose features have named groups (seed 001's risk factors): explanations add the
+groups' sums, matched by feature name (a version may order its features differently)."""
+
+
+def explanation_method(card: ModelCard) -> Literal["path", "tree_shap"] | None:
+    """How a version's contributions are computed, or None when it has no explainer: only a
+    native tree model kept beside its ONNX artifact, and only where one contribution vector per
+    row means something (binary, regression; a multiclass model has one per class)."""
+    if card.task not in ("binary", "regression"):
+        return None
+    if "model.json" in card.checksums:
+        return "path"
+    if "model.txt" in card.checksums:
+        return "tree_shap"
+    return None
+
+
+def explain_rows(answer: Answer) -> Explanations:
+    """Per row: every feature's contribution by the card's names, largest first, and the base
+    value that with them adds up to the raw output (read back through the link function, as
+    the remote runner protocol carries the contributions without the bias column)."""
+    card = answer.ref.card
+    method = explanation_method(card)
+    assert method is not None and answer.contributions is not None  # checked before predicting
+    contributions = np.asarray(answer.contributions, dtype=np.float64)
+    scores = answer.scores.astype(np.float64)
+    if card.task == "binary":
+        p = np.clip(scores, 1e-12, 1 - 1e-12)
+        raw = np.log(p / (1 - p))
+    else:
+        raw = scores
+    bases = (raw - contributions.sum(axis=1)).tolist()
+    names = card.feature_names
+    order = np.argsort(-np.abs(contributions), axis=1, kind="stable").tolist()
+    values = contributions.tolist()
+    groups = FACTOR_GROUPS.get(answer.ref.name)
+    group_sums: list[dict[str, float] | None] = [None] * len(values)
+    if groups is not None:
+        ranking = FactorRanking(groups, names)
+        totals = (contributions @ ranking.membership).tolist()
+        group_sums = [
+            {g: round(t, 6) for g, t in zip(ranking.names, row, strict=True)} for row in totals
+        ]
+    return Explanations(
+        method=method,
+        rows=[
+            RowExplanation(
+                base_value=round(base, 6),
+                contributions=[
+                    Contribution(feature=names[j], contribution=round(row[j], 6)) for j in ranked
+                ],
+                factor_groups=sums,
+            )
+            for base, row, ranked, sums in zip(bases, values, order, group_sums, strict=True)
+        ],
+    )
 
 
 def columns_to_matrix(

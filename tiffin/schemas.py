@@ -170,6 +170,33 @@ class GenericPredictRequest(_Request):
     features: dict[str, list[float]] = Field(min_length=1)
     correlation_id: str | None = Field(None, max_length=128)
     version: str | None = Field(None, max_length=64)
+    explain: bool = False
+    """Also return each row's per-feature contributions (tree models: XGBoost, LightGBM); a
+    model without an explainer answers 422 naming `explain`."""
+
+
+class Contribution(BaseModel):
+    feature: str
+    contribution: float
+
+
+class RowExplanation(BaseModel):
+    base_value: float = Field(
+        description="the model's expected raw output; base_value + the contributions = this "
+        "row's raw output (log-odds for binary models, the value for regression)"
+    )
+    contributions: list[Contribution] = Field(description="every feature, largest |value| first")
+    factor_groups: dict[str, float] | None = Field(
+        None, description="summed contributions of the family's named factor groups, if any"
+    )
+
+
+class Explanations(BaseModel):
+    method: Literal["path", "tree_shap"] = Field(
+        description="`path`: XGBoost's `pred_contribs` with `approx_contribs=True` (Saabas); "
+        "`tree_shap`: LightGBM's `pred_contrib` (TreeSHAP)"
+    )
+    rows: list[RowExplanation]
 
 
 class GenericPredictResponse(BaseModel):
@@ -180,6 +207,8 @@ class GenericPredictResponse(BaseModel):
     model_name: str
     model_version: str
     latency_ms: float
+    explanations: Explanations | None = None
+    """Present when the request asked for `explain`."""
 
 
 GenericRequests = Annotated[list[GenericPredictRequest], Field(min_length=1, max_length=MAX_ROWS)]

@@ -177,13 +177,16 @@ def predict(
     features: Mapping[str, Sequence[float]],
     correlation_id: str | None = None,
     version: str | None = None,
+    explain: bool | None = None,
 ) -> Call[GenericPredictResponse]:
-    """`POST /predict`: any model by name, features as columns `{name: [values]}`."""
+    """`POST /predict`: any model by name, features as columns `{name: [values]}`; `explain`:
+    per-row feature contributions too (tree models)."""
     body = _body(
         model_name=model_name,
         features={k: list(v) for k, v in features.items()},
         correlation_id=correlation_id,
         version=version,
+        explain=explain,
     )
     return Call("POST", "/predict", _model(GenericPredictResponse), body)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tiffin.drift import DriftRecorder
 from tiffin.errors import InvalidInput, ModelUnavailable, RunnerUnavailable
 from tiffin.families import Families, Family, ModelRef
 from tiffin.lifecycle.manager import LifecycleManager, Route
@@ -43,9 +44,16 @@ class Answer:
 
 
 class Router:
-    def __init__(self, families: Families, lifecycle: LifecycleManager | None) -> None:
+    def __init__(
+        self,
+        families: Families,
+        lifecycle: LifecycleManager | None,
+        drift: DriftRecorder | None = None,
+    ) -> None:
         self.families = families
         self.lifecycle = lifecycle
+        self.drift = drift
+        """Counts the answered rows in the answering version's reference bins (tiffin.drift)."""
         self._shadow_tasks: set[asyncio.Task[None]] = set()
 
     async def choose(self, family: str, entity: str | None, pinned: str | None = None) -> Choice:
@@ -68,7 +76,7 @@ class Router:
         observation = Observation(ref.name, ref.version, started, len(rows))
         try:
             scores, contributions = await choice.family.predict(ref, rows, explain)
-            return Answer(ref, _finite(scores, ref, rows), contributions, observation)
+            answer = Answer(ref, _finite(scores, ref, rows), contributions, observation)
         except (InvalidInput, RunnerUnavailable):
             raise  # the client's mistake, or the runner's process: not this version's failure
         except Exception as exc:
@@ -82,10 +90,13 @@ class Router:
             fallback = await choice.family.ref(stable)
             observation = Observation(fallback.name, fallback.version, started, len(rows))
             scores, contributions = await choice.family.predict(fallback, rows, explain)
-            return Answer(fallback, _finite(scores, fallback, rows), contributions, observation)
+            answer = Answer(fallback, _finite(scores, fallback, rows), contributions, observation)
         finally:
             if choice.route is not None and choice.route.shadows:
                 self._mirror(choice, rows)
+        if self.drift is not None:
+            self.drift.record(answer.ref, rows)
+        return answer
 
     def _mirror(self, choice: Choice, rows: np.ndarray) -> None:
         """Shadow versions score a copy of the request after it is answered; never returned."""

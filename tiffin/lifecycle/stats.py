@@ -19,6 +19,7 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
+from tiffin.drift import MISSING, SLOTS, bins_key
 from tiffin.metrics import LATENCY_BUCKETS, SCORE_BUCKETS
 
 Snapshot = dict[str, Any]
@@ -79,6 +80,8 @@ class ReplicaFiles:
                 model, version, name, index = target
                 versions = out.setdefault(model, {})
                 snap = versions.get(version) or versions.setdefault(version, empty())
+                if name not in snap:  # a feature's drift bins (tiffin.drift)
+                    snap[name] = [0.0] * SLOTS
                 if index < 0:
                     snap[name] += value
                 else:
@@ -98,6 +101,8 @@ def _target(key: str) -> tuple[str, str, str, int] | None:
     model, version = labels["model"], labels.get("version", "")
     if name == "ml_inference_requests_total":
         return model, version, "ok" if labels.get("status") == "success" else "error", -1
+    if name == "ml_feature_bin_total":
+        return model, version, bins_key(labels["feature"]), _bin_index(labels["bin"])
     if name not in _FIELDS:
         return None
     field_name, bounds = _FIELDS[name]
@@ -105,6 +110,10 @@ def _target(key: str) -> tuple[str, str, str, int] | None:
         return model, version, field_name, -1
     le = labels["le"]
     return model, version, field_name, len(bounds) if le == "+Inf" else bounds.index(float(le))
+
+
+def _bin_index(label: str) -> int:
+    return MISSING if label == "missing" else int(label)
 
 
 def empty() -> Snapshot:
@@ -152,14 +161,21 @@ def collect(
                 slot(labels)["score_sum"] += sample.value
             elif name == "prediction_scores_count":
                 slot(labels)["score_count"] += sample.value
+            elif name == "ml_feature_bin_total":
+                bins = slot(labels).setdefault(bins_key(labels["feature"]), [0.0] * SLOTS)
+                bins[_bin_index(labels["bin"])] += sample.value
     return out
 
 
 def combine(a: Snapshot, b: Snapshot, sign: float = 1.0) -> Snapshot:
-    """a + sign * b, field by field."""
+    """a + sign * b, field by field; a field on one side only (a feature's drift bins, which
+    exist once that feature was seen) counts as zeros on the other."""
     out: Snapshot = {}
-    for key, value in a.items():
+    for key in a.keys() | b.keys():
         other = b.get(key)
+        value = a.get(key)
+        if value is None:
+            value = [0.0] * len(other) if isinstance(other, list) else 0.0
         if isinstance(value, list):
             other = other or [0.0] * len(value)
             out[key] = [x + sign * y for x, y in zip(value, other, strict=True)]
