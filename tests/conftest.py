@@ -121,6 +121,7 @@ def serve(env_overrides: dict[str, str], log_name: str, target: str = "service:T
     port = free_port()
     log = Path(BENTOML_HOME, log_name)
     env = {**os.environ, "BENTOML_HOME": BENTOML_HOME, "TIFFIN_WORKERS": "2", **env_overrides}
+    env.pop("TIFFIN_REPLICA", None)  # set in this process by tests that import the service
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -127,7 +127,8 @@ def test_page_loads_and_charts_fill_after_traffic(app: Served, browser: Any) -> 
     assert int(rows[3].text) >= 50
     freshness = browser.find_element("css selector", "#freshness tbody").text
     assert "card_fraud" in freshness and " s" in freshness
-    assert "no drift data" in browser.find_element("css selector", "#drift").text
+    # /drift answers for every tabular model (drift is served), so the panel lists them
+    assert "card_fraud" in browser.find_element("css selector", "#drift").text
     assert console_errors(browser) == []
 
 

@@ -275,8 +275,11 @@ def test_without_redis_each_replica_uses_its_own_counts(tmp_path: Path, redis_ur
     assert isinstance(fleet, FleetStats) and fleet.prefix == "test:open:stats"
 
 
-def _replica_id_in(code: str) -> str:
+def _replica_id_in(code: str, worker: bool = True) -> str:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    if worker:  # BentoML gives its workers the serve's Prometheus directory
+        env["PROMETHEUS_MULTIPROC_DIR"] = "/tmp/unused"
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd=REPO
     ).stdout.strip()
@@ -287,6 +290,8 @@ def test_replica_id_is_shared_by_workers_and_new_for_every_serve_process() -> No
     assert replica_id() == mine and str(os.getpid()) in mine
     print_id = "from tiffin.replica import replica_id; print(replica_id())"
     assert _replica_id_in(print_id) == mine  # a worker: started by this (serve) process
+    # a serve process started by this one (a test run that imported the service): its own id
+    assert _replica_id_in(print_id, worker=False) not in ("", mine)
     grandchild = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {print_id!r}])"
     other = _replica_id_in(grandchild)  # a process this serve did not start
     assert other and other != mine

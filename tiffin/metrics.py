@@ -265,3 +265,17 @@ def observe_feature_age(model: str, version: str, columns: Iterable[EntityColumn
                 oldest = first
     if oldest != math.inf:
         metrics().feature_oldest.labels(model, version).set(oldest)
+
+
+def exposition() -> tuple[bytes, str]:
+    """Every worker's metrics of this server as Prometheus text, and its content type: the
+    multiprocess directory's when BentoML set one (each replica's own, tiffin/replica.py)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+    registry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry), CONTENT_TYPE_LATEST

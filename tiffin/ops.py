@@ -5,7 +5,6 @@ Handlers read the worker's objects from the request (`tiffin.context`); nothing 
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -18,6 +17,7 @@ from tiffin.composition import Worker
 from tiffin.context import worker_of
 from tiffin.errors import ModelNotFound
 from tiffin.http_errors import JSON, endpoint
+from tiffin.metrics import exposition
 
 
 async def _components(worker: Worker, loaded: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -171,19 +171,12 @@ async def prometheus(request: Request) -> Response:
     metrics are on). Drift PSI gauges are recomputed first, so an alert on them is as fresh as
     the scrape."""
     import anyio
-    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
     from tiffin.drift_routes import refresh_gauges
 
     await anyio.to_thread.run_sync(refresh_gauges, worker_of(request))
-
-    registry = REGISTRY
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
-
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    body, media_type = exposition()
+    return Response(body, media_type=media_type)
 
 
 async def _health(request: Request) -> Response:

@@ -49,9 +49,13 @@ def replica_id() -> str:
     """This process's replica id: shared by every worker of one `bentoml serve`, new for every
     serve process and every restart (so a restarted replica never reuses its old counts' id)."""
     owner, _, replica = os.environ.get(_REPLICA_ENV, "").partition(":")
-    # Inherited from the serve process (workers), or set earlier in this process. Anything else
-    # is a stale value from some ancestor, not from our serve process.
-    if replica and owner in (str(os.getpid()), str(os.getppid())):
+    # Set earlier in this process, or inherited by a worker from its serve process (BentoML
+    # gives workers PROMETHEUS_MULTIPROC_DIR; the serve process itself has none). A value
+    # inherited by a serve process from whatever started it (a test run that imported the
+    # service, say) would make every replica it starts share one id: never taken.
+    ours = owner == str(os.getpid())
+    from_serve = owner == str(os.getppid()) and "PROMETHEUS_MULTIPROC_DIR" in os.environ
+    if replica and (ours or from_serve):
         return replica
     replica = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     os.environ[_REPLICA_ENV] = f"{os.getpid()}:{replica}"

@@ -18,6 +18,7 @@ import numpy as np
 from tiffin import model_store
 from tiffin.errors import ModelNotFound
 from tiffin.families import Job, JobResult, predict_local
+from tiffin.metrics import exposition
 from tiffin.model_pool import ModelPool
 from tiffin.replica import MetricsSettings, use_own_metrics_dir
 from tiffin.settings import server_settings
@@ -136,10 +137,9 @@ class RunnerMetrics:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] == "/metrics" and scope["method"] == "GET":
-            from starlette.requests import Request
+            from starlette.responses import Response
 
-            from tiffin.ops import prometheus
-
-            await (await prometheus(Request(scope, receive)))(scope, receive, send)
+            body, media_type = exposition()
+            await Response(body, media_type=media_type)(scope, receive, send)
             return
         await self.app(scope, receive, send)
