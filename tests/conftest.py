@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -272,3 +273,33 @@ def model_store_restored(model_store: str) -> Iterator[None]:
         # already gone, or a store another process is writing: leave it
         with contextlib.suppress(Exception):
             bentoml.models.delete(tag)
+
+
+class UvicornServer:
+    """An ASGI app served by uvicorn on a free loopback port, in a thread of the test process."""
+
+    def __init__(self, app: Any) -> None:
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> UvicornServer:
+        self.thread.start()
+        wait_for(lambda: self.server.started, 20, "uvicorn")
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    def __enter__(self) -> UvicornServer:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

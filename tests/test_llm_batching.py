@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from jsonschema import Draft202012Validator
 
 from models import tiny_llm
-from tests.conftest import free_port, wait_for
+from tests.conftest import UvicornServer
 from tests.test_llm_constrained import SCHEMAS
 from tiffin.app import TiffinApp
 from tiffin.composition import compose_llm_only
@@ -201,22 +199,7 @@ def test_request_waiting_past_its_queue_deadline_gets_a_503() -> None:
 # --- over HTTP: 64 concurrent chat completions --------------------------------------------------
 
 
-class Server:
-    def __init__(self, app: Any) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        wait_for(lambda: self.server.started, 20, "uvicorn")
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+Server = UvicornServer
 
 
 @pytest.fixture(scope="module")

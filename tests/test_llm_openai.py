@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Literal
 
 import httpx
 import instructor
 import openai
 import pytest
-import uvicorn
 from jsonschema import Draft202012Validator
 from pydantic import BaseModel, Field
 
 from models import tiny_llm
-from tests.conftest import free_port, wait_for
+from tests.conftest import UvicornServer
 from tiffin.app import TiffinApp
 from tiffin.composition import Worker, compose_llm_only
 from tiffin.llm.engine import Delta, Finished, Prompt
@@ -69,22 +67,7 @@ ORDER_SCHEMA = {
 }
 
 
-class Server:
-    def __init__(self, app: Any) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def start(self) -> Server:
-        self.thread.start()
-        wait_for(lambda: self.server.started, 20, "uvicorn")
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+Server = UvicornServer
 
 
 @pytest.fixture(scope="module")
