@@ -170,7 +170,7 @@ def stop(served: Served) -> None:
         os.killpg(served.proc.pid, signal.SIGKILL)
 
 
-def seeded(server: RedisServer) -> RedisServer:
+def seeded(server: RedisServer, entities: int = 6000) -> RedisServer:
     """The generated feature snapshot written to `server` by the project's seeding command."""
     subprocess.run(
         [
@@ -180,7 +180,7 @@ def seeded(server: RedisServer) -> RedisServer:
             "--redis-url",
             server.url,
             "--entities",
-            "6000",
+            str(entities),
         ],
         cwd=REPO,
         check=True,

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer, free_port, seeded
 
 _addresses = itertools.count(1)
 
@@ -96,26 +96,9 @@ class TcpProxy:
 @pytest.fixture(scope="package")
 def redis_behind_proxy(model_store: str) -> Iterator[tuple[RedisServer, TcpProxy]]:
     """A real redis-server seeded with the feature snapshot, reached through a TcpProxy."""
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
 
     server = RedisServer().start()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "models.seed_features",
-            "--redis-url",
-            server.url,
-            "--entities",
-            "2000",
-        ],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    )
+    seeded(server, 2000)
     proxy = TcpProxy(server.port)
     yield server, proxy
     proxy.close()

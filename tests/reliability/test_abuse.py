@@ -27,7 +27,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.conftest import RedisServer, Served, serve, stop
+from tests.conftest import RedisServer, Served, seeded, serve, stop
 from tests.reliability.conftest import TcpProxy, client_id, port_of, status_of
 from tiffin import model_store
 from tiffin.auth import mint
@@ -683,10 +683,6 @@ def test_redis_killed_and_restarted_mid_load(
 ) -> None:
     """Pass: redis-server killed (SIGKILL) under load and restarted (empty, then re-seeded) 2 s
     later: zero non-200 answers throughout; served from Redis within 5 s of the re-seed."""
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
 
     server, _ = redis_behind_proxy
     results: list[tuple[int, float, bool]] = []
@@ -700,20 +696,7 @@ def test_redis_killed_and_restarted_mid_load(
     time.sleep(2)
     server.start()
     loader.join()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "models.seed_features",
-            "--redis-url",
-            server.url,
-            "--entities",
-            "2000",
-        ],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    )
+    seeded(server, 2000)
     assert {code for code, _, _ in results} == {200}, Counter(c for c, _, _ in results)
     assert _recovers(app, 5)
 
