@@ -160,7 +160,12 @@ class RunnerClient:
         else:
             self.base_url = f"http://{parsed.netloc}" if parsed.scheme == "tcp" else url
             self._sync_transport = self._async_transport = None
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+        # An idle connection is dropped well before the runner's server closes it (uvicorn's
+        # keep-alive is 5 s; httpx's default expiry is also 5 s): with equal timeouts a request
+        # can be written to a connection the server is closing at that instant.
+        limits = httpx.Limits(
+            max_connections=256, max_keepalive_connections=64, keepalive_expiry=2.0
+        )
         self.sync = httpx.Client(
             base_url=self.base_url, transport=self._sync_transport, timeout=timeout_s
         )
@@ -187,14 +192,15 @@ class RunnerClient:
             try:
                 response = await self.async_.post(f"/{api}", json=body)
                 return self._answer(response)
-            except (httpx.RemoteProtocolError, httpx.ConnectError) as exc:
-                # Inference is pure: a call dropped before any answer is safe to send again.
-                if attempt == 2:
-                    raise self._down(exc) from exc
             except httpx.TimeoutException as exc:
                 raise RunnerUnavailable(
                     f"runner {self.name!r} did not answer within {self.timeout_s:g}s"
                 ) from exc
+            except httpx.TransportError as exc:
+                # Inference is pure: a call whose connection broke (reset, closed before the
+                # answer, refused during a restart) is safe to send once more.
+                if attempt == 2:
+                    raise self._down(exc) from exc
             except httpx.HTTPError as exc:
                 raise self._down(exc) from exc
         raise AssertionError("unreachable")

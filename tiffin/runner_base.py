@@ -55,7 +55,10 @@ class TabularRunner:
 
     # Rows of many concurrent requests arrive as one list of jobs; each (family, version,
     # explain) group is one model call, and BentoML splits the answers back per caller.
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=256, max_latency_ms=1000)
+    # BentoML's batcher answers 503 to a request it predicts will wait past `max_latency_ms`,
+    # from estimates that a CPU stall inflates: at 1 s a busy 2-core box shed requests. 10 s is
+    # the entry's own patience (`TIFFIN_RUNNER_TIMEOUT_S`); waiting longer serves nobody.
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=256, max_latency_ms=10_000)
     def predict(self, jobs: list[Job]) -> list[JobResult]:
         groups: dict[tuple[str, str | None, bool], list[int]] = defaultdict(list)
         for index, job in enumerate(jobs):
