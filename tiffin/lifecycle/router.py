@@ -58,7 +58,7 @@ class Router:
 
     async def choose(self, family: str, entity: str | None, pinned: str | None = None) -> Choice:
         """The version for this request: pinned, else routed (sticky per entity), else default."""
-        serving = self.families.get(family)
+        serving = await self.families.aget(family)
         route = self.lifecycle.route(family) if self.lifecycle is not None else None
         version = pinned
         if version is None and route is not None:
