@@ -128,7 +128,7 @@ def _finite(scores: np.ndarray, ref: ModelRef, rows: np.ndarray) -> np.ndarray:
     """Non-finite scores on ordinary input are the model's failure (recorded against the
     version); on input with values beyond `EXTREME` they are the client's, a 422 naming the
     features, so nobody can push a canary over its error threshold with huge numbers."""
-    if np.all(np.isfinite(scores)):
+    if np.isfinite(scores).all():
         return scores
     extreme = (np.abs(rows) > EXTREME).any(axis=0)  # inf included; NaN means missing, not huge
     if extreme.any():
