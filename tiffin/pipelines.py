@@ -530,7 +530,6 @@ class GenericPipeline(Pipeline[GenericPredictRequest, dict[str, Any]]):
     ) -> dict[str, Any]:
         body = encode_outputs(answer.scores, answer.ref.card.task)
         body["correlation_id"] = request.correlation_id or str(uuid.uuid4())
-        body["model_name"] = answer.ref.name
         body["model_version"] = answer.ref.version
         body["latency_ms"] = _ms_since(started)
         if request.explain:
@@ -745,6 +744,38 @@ Explainer = Callable[[Mapping[str, Any]], Awaitable[tuple[FraudExplanation, str]
 """Writes `/score/fraud`'s `llm_explanation`: the LLM's in time, else the rule-based one."""
 
 
+@dataclass(frozen=True)
+class Reply:
+    """A single-row answer: the seed's body exactly as documented, and response headers for
+    what the body has no place for (where each entity's features came from)."""
+
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+FEATURE_HEADERS = (
+    "X-Tiffin-Feature-Source",
+    "X-Tiffin-Feature-Degraded",
+    "X-Tiffin-Feature-Defaults",
+    "X-Tiffin-Feature-Freshness-Sec",
+)
+
+
+def _reply(row: dict[str, Any], extras: Sequence[str]) -> Reply:
+    """A batch row as the single endpoint's reply: the keys a batch row adds so its rows can be
+    told apart (`extras`) leave the body, the feature report moves to headers."""
+    report = row.pop("features")
+    for key in extras:
+        del row[key]
+    headers = {
+        FEATURE_HEADERS[0]: report["source"],
+        FEATURE_HEADERS[1]: "true" if report["degraded"] else "false",
+    }
+    if report["defaults_used"]:
+        headers[FEATURE_HEADERS[2]] = ",".join(report["defaults_used"])
+    return Reply(row, headers)
+
+
 class Scoring:
     """The scoring endpoints over the worker's pipelines: what a route handler calls."""
 
@@ -766,9 +797,9 @@ class Scoring:
         self.rows = RowsPipeline(router, store, spans)
         self.explainer = explainer
 
-    async def score_fraud(self, request: CardFraudRequest) -> dict[str, Any]:
-        response = (await self.card_fraud([request]))[0]
-        response["llm_explanation"] = response["llm_explanation_source"] = None
+    async def score_fraud(self, request: CardFraudRequest) -> Reply:
+        reply = _reply((await self.card_fraud([request]))[0], ("card_id",))
+        response = reply.body
         if request.llm_explanation:
             context = {
                 **request.model_dump(exclude={"llm_explanation"}),
@@ -777,10 +808,15 @@ class Scoring:
             written, source = await self.explainer(context)
             response["llm_explanation"] = written.model_dump(mode="json")
             response["llm_explanation_source"] = source
-        return response
+        return reply
 
-    async def score_personalization(self, request: PersonalizationRequest) -> dict[str, Any]:
-        return (await self.personalization([request]))[0]
+    async def score_personalization(self, request: PersonalizationRequest) -> Reply:
+        row = (await self.personalization([request]))[0]
+        freshness = row["feature_freshness_sec"]
+        reply = _reply(row, ("user_id", "item_id", "feature_freshness_sec"))
+        if freshness is not None:  # seed 001 shows no freshness in this body
+            reply.headers[FEATURE_HEADERS[3]] = str(freshness)
+        return reply
 
     async def batch(
         self, model_type: str, requests: Sequence[Mapping[str, Any]], batch_id: str | None
