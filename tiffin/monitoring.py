@@ -79,7 +79,8 @@ class AlertSettings(BaseSettings):
 @dataclass
 class Monitor:
     """One worker's memory for the report: earlier cumulative snapshots (a rate needs two
-    points) and when each alert was first seen. Lives on the `Worker`, not in a module."""
+    points), and the way to the replica's record of when each alert was first seen. Lives on
+    the `Worker`, not in a module."""
 
     settings: AlertSettings = field(default_factory=AlertSettings)
     history: deque[tuple[float, vm.Snapshots]] = field(default_factory=lambda: deque(maxlen=256))
