@@ -111,7 +111,7 @@ spec:
       image: {{ include "tiffin.image" (merge (dict "appVersion" .Chart.AppVersion) .Values.image) | quote }}
       imagePullPolicy: {{ .Values.image.pullPolicy }}
       # The image's entrypoint serves the Bento: `bentoml serve $BENTO_PATH`.
-      args: ["serve", "--port", "{{ .Values.port }}"]
+      args: ["serve", "--port", "{{ .Values.port }}", "--timeout-keep-alive", "{{ .Values.keepAliveSeconds }}"]
       ports:
         - name: http
           containerPort: {{ .Values.port }}
