@@ -427,10 +427,11 @@ def active_requests_publisher() -> Callable[[int], None]:
 
     Called twice per request, so it writes the worker's value straight into its slot of the
     multiprocess file: `Gauge.inc()`/`dec()` take a lock, check the pid and look the key up on
-    every call, 1.7 us a request on this box against 0.2 us here (docs/benchmarks.md). The slot
-    is the one `Gauge.set` writes (the value's 8 bytes; the file's mapping is read on each call,
-    as prometheus_client replaces it when the file grows); a test reads it back through the
-    multiprocess collector. In a single process (no multiprocess directory) `set` is used."""
+    every call, 1.8-2.0 us a request on this box against 0.3-0.4 us here (docs/benchmarks.md).
+    The slot is the one `Gauge.set` writes (the value's 8 bytes; the file's mapping is read on
+    each call, as prometheus_client replaces it when the file grows); a test reads it back
+    through the multiprocess collector. In a single process (no multiprocess directory) `set`
+    is used."""
     gauge = active_requests()
     gauge.set(0)  # this worker's slot exists from now on (a scrape shows 0, not nothing)
     value = gauge._value
@@ -442,6 +443,9 @@ def active_requests_publisher() -> Callable[[int], None]:
     end = position + _DOUBLE.size
 
     def publish(count: int) -> None:
-        file._m[position:end] = pack(count)
+        try:
+            file._m[position:end] = pack(count)
+        except TypeError:  # prometheus_client closed the file (after a fork): not this worker's
+            return
 
     return publish
