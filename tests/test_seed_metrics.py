@@ -241,6 +241,18 @@ def test_active_requests_counts_requests_in_flight_but_not_the_scrape(tiffin: Ti
     assert run(app, calls) == [0, 3, 0]
 
 
+def test_a_runners_own_metrics_carry_the_derived_names(tiffin: TiffinApp) -> None:
+    """A runner served on its own answers `/metrics` with `RunnerMetrics`: the same exposition,
+    so what its workers recorded comes with its seed names too."""
+    from tiffin.runner_base import RunnerMetrics
+
+    score(tiffin, times=1)
+    found = families(scrape(RunnerMetrics(tiffin)))
+    for name, source in DERIVED.items():
+        assert series(found[name][1], drop=("model_name",)) == series(found[source][1]), name
+    assert "ml_inference_memory_usage_percent" in found
+
+
 WORKER = """
 import asyncio, json, os, sys
 import httpx
