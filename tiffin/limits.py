@@ -18,7 +18,8 @@ Operational probes (`probe_paths`) skip shedding and rate limiting so they stay 
 overload.
 
 State (token buckets, the in-flight count) lives in the middleware instance, one per worker
-process: limits are per worker.
+process: limits are per worker. The in-flight count of non-probe requests is also written to
+`inference_active_requests` (summed over the workers on `/metrics`).
 """
 
 from __future__ import annotations
@@ -188,6 +189,9 @@ class LimitsMiddleware:
         self._probes = frozenset(s.probe_paths)
         self._uploads = frozenset(s.upload_paths)
         self._in_flight = 0
+        self._active = 0
+        """Requests in flight that are not probes: `inference_active_requests`."""
+        self._publish_active: Callable[[int], None] = self._first_publish
         self._body_watchdog: BodyWatchdog | None = None
         self._buckets = (
             TokenBuckets(s.rate_limit_per_s, s.rate_limit_burst, s.rate_limit_max_clients)
@@ -250,10 +254,24 @@ class LimitsMiddleware:
             return await receive()  # afterwards only http.disconnect can arrive
 
         self._in_flight += 1
+        if not probe:
+            self._active += 1
+            self._publish_active(self._active)
         try:
             await self.app(scope, replay, send)
         finally:
             self._in_flight -= 1
+            if not probe:
+                self._active -= 1
+                self._publish_active(self._active)
+
+    def _first_publish(self, count: int) -> None:
+        """The gauge is made on the first request: BentoML sets the worker's multiprocess
+        directory after the service module (and maybe this middleware) is set up."""
+        from tiffin.metrics import active_requests_publisher
+
+        self._publish_active = active_requests_publisher()
+        self._publish_active(count)
 
     def _client(self, scope: Scope) -> str:
         if self.settings.trust_forwarded_for:

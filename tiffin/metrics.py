@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psutil
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Metric
 
 if TYPE_CHECKING:
     from tiffin.feature_store import EntityColumns
@@ -269,10 +270,118 @@ def observe_feature_age(model: str, version: str, columns: Iterable[EntityColumn
         of_version(model, version).feature_oldest.set(oldest)
 
 
-def exposition() -> tuple[bytes, str]:
-    """Every worker's metrics of this server as Prometheus text, and its content type: the
-    multiprocess directory's when BentoML set one (each replica's own, tiffin/replica.py)."""
-    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+# --- the seeds' other names, derived when scraped ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A family re-emitted under a seed's name: the same samples, `model_name` (seed 003's label)
+    added beside `model`. Names as prometheus_client keeps them (a counter's without `_total`)."""
+
+    name: str
+    source: str
+    documentation: str
+    only: tuple[str, str] | None = None
+    """(label, value): the source's samples kept, that label dropped."""
+
+
+SEED_ALIASES = (
+    Alias(
+        "inference_requests",
+        "ml_inference_requests",
+        "Inference requests by model (model_name), version and status: seeds 001 and 003's "
+        "name for ml_inference_requests_total, the same counts",
+    ),
+    Alias(
+        "inference_request_duration_seconds",
+        "ml_inference_duration_seconds",
+        "Request latency by model (model_name) and version: seed 001's name for "
+        "ml_inference_duration_seconds, the same observations",
+    ),
+    Alias(
+        "ml_inference_request_duration_seconds",
+        "ml_inference_duration_seconds",
+        "Request latency by model (model_name) and version: seed 002's name for "
+        "ml_inference_duration_seconds, the same observations",
+    ),
+    Alias(
+        "inference_latency_seconds",
+        "ml_inference_duration_seconds",
+        "Inference latency by model (model_name) and version: seed 003's name for "
+        "ml_inference_duration_seconds, the same observations",
+    ),
+    Alias(
+        "inference_errors",
+        "ml_inference_errors",
+        "Inference errors by model (model_name), version and type: seed 001's name for "
+        "ml_inference_errors_total, the same counts",
+    ),
+    Alias(
+        "model_inference_duration_seconds",
+        "ml_pipeline_stage_seconds",
+        f"Model call time by model (model_name) and version: ml_pipeline_stage_seconds"
+        f'{{stage="predict"}} (seed 001). SAMPLED: one request in {STAGE_SAMPLE} per worker is '
+        f"timed, so _count is about requests/{STAGE_SAMPLE}; use it for the distribution",
+        only=("stage", "predict"),
+    ),
+)
+MEMORY_PERCENT = "ml_inference_memory_usage_percent"
+
+
+def seed_aliases(families: Iterable[Metric]) -> list[Metric]:
+    """The seed names Tiffin does not record itself, from the families already collected: per
+    `SEED_ALIASES`, and seed 002's memory percentage (100 x tiffin_process_resident_memory_bytes
+    over tiffin_memory_limit_bytes, the alert rule's ratio). Nothing is recorded twice per
+    request; a family absent from `families` has no alias."""
+    by_name = {family.name: family for family in families}
+    out = []
+    for alias in SEED_ALIASES:
+        source = by_name.get(alias.source)
+        if source is None:
+            continue
+        metric = Metric(alias.name, alias.documentation, source.type)
+        cut = len(source.name)
+        for sample in source.samples:
+            labels = dict(sample.labels)
+            if alias.only is not None:
+                label, wanted = alias.only
+                if labels.pop(label, None) != wanted:
+                    continue
+            if "model" in labels:
+                labels = {"model_name": labels["model"], **labels}
+            metric.add_sample(
+                alias.name + sample.name[cut:], labels, sample.value, sample.timestamp
+            )
+        out.append(metric)
+    rss = by_name.get("tiffin_process_resident_memory_bytes")
+    limit = by_name.get("tiffin_memory_limit_bytes")
+    if rss is not None and limit is not None and rss.samples and limit.samples:
+        bound = max(s.value for s in limit.samples)
+        if bound > 0:
+            used = sum(s.value for s in rss.samples)
+            metric = Metric(
+                MEMORY_PERCENT,
+                "Memory of the serving workers as a percentage of the container's limit (seed "
+                "002): 100 x tiffin_process_resident_memory_bytes / tiffin_memory_limit_bytes",
+                "gauge",
+            )
+            metric.add_sample(MEMORY_PERCENT, {}, round(100.0 * used / bound, 3))
+            out.append(metric)
+    return out
+
+
+class _Collected:
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def collected() -> list[Metric]:
+    """Every family this server's workers recorded: the multiprocess directory's when BentoML
+    set one (each replica's own, tiffin/replica.py), else this process's registry."""
+    from prometheus_client import REGISTRY, CollectorRegistry
 
     registry = REGISTRY
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -280,4 +389,63 @@ def exposition() -> tuple[bytes, str]:
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+    return list(registry.collect())
+
+
+def exposition(extra: Iterable[Metric] = ()) -> tuple[bytes, str]:
+    """Every worker's metrics of this server as Prometheus text, the seeds' derived names
+    (`seed_aliases`) and `extra` (families computed by the caller) included, and its content
+    type."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    families = collected()
+    families += seed_aliases(families)
+    families += extra
+    return generate_latest(_Collected(families)), CONTENT_TYPE_LATEST
+
+
+# --- requests in flight -----------------------------------------------------------------------
+
+
+@lru_cache
+def active_requests() -> Gauge:
+    """Seed 001's `inference_active_requests`: requests in flight in the entry's workers
+    (`tiffin.limits.LimitsMiddleware`), summed over live workers. Not per model: a request is
+    counted before anything knows its model."""
+    return Gauge(
+        "inference_active_requests",
+        "Requests being handled by the service's workers now (probes and scrapes excluded)",
+        multiprocess_mode="livesum",
+    )
+
+
+_DOUBLE = struct.Struct("d")
+
+
+def active_requests_publisher() -> Callable[[int], None]:
+    """A function that sets this worker's `inference_active_requests` value.
+
+    Called twice per request, so it writes the worker's value straight into its slot of the
+    multiprocess file: `Gauge.inc()`/`dec()` take a lock, check the pid and look the key up on
+    every call, 1.8-2.0 us a request on this box against 0.3-0.4 us here (docs/benchmarks.md).
+    The slot is the one `Gauge.set` writes (the value's 8 bytes; the file's mapping is read on
+    each call, as prometheus_client replaces it when the file grows); a test reads it back
+    through the multiprocess collector. In a single process (no multiprocess directory) `set`
+    is used."""
+    gauge = active_requests()
+    gauge.set(0)  # this worker's slot exists from now on (a scrape shows 0, not nothing)
+    value = gauge._value
+    file = getattr(value, "_file", None)
+    position = getattr(file, "_positions", {}).get(getattr(value, "_key", None))
+    if file is None or position is None:
+        return gauge.set
+    pack = _DOUBLE.pack
+    end = position + _DOUBLE.size
+
+    def publish(count: int) -> None:
+        try:
+            file._m[position:end] = pack(count)
+        except TypeError:  # prometheus_client closed the file (after a fork): not this worker's
+            return
+
+    return publish

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from prometheus_client import Metric
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -17,7 +18,9 @@ from tiffin.composition import Worker
 from tiffin.context import worker_of
 from tiffin.errors import ModelNotFound
 from tiffin.http_errors import JSON, endpoint
-from tiffin.metrics import exposition
+from tiffin.metrics import active_requests, exposition
+
+HEALTHY = frozenset({"ok", "disabled"})
 
 
 async def _components(worker: Worker, loaded: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -53,7 +56,7 @@ async def health(request: Request) -> dict[str, Any]:
     components = await _components(worker, loaded)
     statuses = {c.get("status") for c in components.values()}
     return {
-        "status": "ok" if statuses <= {"ok", "disabled"} else "degraded",
+        "status": "ok" if statuses <= HEALTHY else "degraded",
         "models_loaded": sum(
             1 for versions in loaded.values() for v in versions if v["state"] == "loaded"
         ),
@@ -61,6 +64,27 @@ async def health(request: Request) -> dict[str, Any]:
         "models": sorted(loaded),
         "components": components,
     }
+
+
+def health_score(components: dict[str, dict[str, Any]]) -> float:
+    """Seed 002's `ml_inference_health_score`: the share of the components `/health` reports
+    (models, feature_store, traffic, llm, runners) whose status is ok or disabled. 1.0 exactly
+    when `/health` says ok (also with no components), 0.0 when every component is down."""
+    if not components:
+        return 1.0
+    return sum(c.get("status") in HEALTHY for c in components.values()) / len(components)
+
+
+async def health_family(worker: Worker) -> Metric:
+    score = health_score(await _components(worker, await worker.loaded_versions()))
+    family = Metric(
+        "ml_inference_health_score",
+        "Share of the components /health reports that are ok or disabled (seed 002): 1 when "
+        "/health says ok, 0 when every component is down; from the worker answering the scrape",
+        "gauge",
+    )
+    family.add_sample("ml_inference_health_score", {}, score)
+    return family
 
 
 async def not_ready(worker: Worker) -> str | None:
@@ -168,14 +192,17 @@ async def v1_models(request: Request) -> dict[str, Any]:
 
 async def prometheus(request: Request) -> Response:
     """Every worker's metrics of this server (BentoML serves this itself only when its HTTP
-    metrics are on). Drift PSI gauges are recomputed first, so an alert on them is as fresh as
-    the scrape."""
+    metrics are on), with the seeds' derived names (`tiffin.metrics.seed_aliases`) and seed 002's
+    health score. Drift PSI gauges are recomputed first, so an alert on them is as fresh as the
+    scrape."""
     import anyio
 
     from tiffin.drift_routes import refresh_gauges
 
-    await anyio.to_thread.run_sync(refresh_gauges, worker_of(request))
-    body, media_type = exposition()
+    worker = worker_of(request)
+    await anyio.to_thread.run_sync(refresh_gauges, worker)
+    active_requests()  # present (0) before this worker's first request
+    body, media_type = exposition([await health_family(worker)])
     return Response(body, media_type=media_type)
 
 
