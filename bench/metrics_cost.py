@@ -22,16 +22,7 @@ from typing import Any
 
 from tests import seed_bodies as seed
 
-ROUTES = (
-    ("/score/fraud", seed.CARD_FRAUD),
-    ("/score/personalization", seed.PERSONALIZATION),
-    ("/score/batch", seed.BATCH),
-    ("/predict/fraud", seed.AD_FRAUD),
-    ("/predict/ctr", seed.CTR),
-    ("/predict/bid", seed.BID),
-    ("/predict", seed.GENERIC),
-    ("/v1/models/predict", seed.V1_PREDICT),
-)
+ROUTES = seed.SCORING_ROUTES
 
 
 async def _empty(scope: Any, receive: Any, send: Any) -> None:

@@ -55,3 +55,15 @@ GENERIC = {
     "correlation_id": "test-123",
 }
 V1_PREDICT = {"instances": [[5.1, 3.5, 1.4, 0.2]], "version": "v2-quantized"}
+
+SCORING_ROUTES = (
+    ("/score/fraud", CARD_FRAUD),
+    ("/score/personalization", PERSONALIZATION),
+    ("/score/batch", BATCH),
+    ("/predict/fraud", AD_FRAUD),
+    ("/predict/ctr", CTR),
+    ("/predict/bid", BID),
+    ("/predict", GENERIC),
+    ("/v1/models/predict", V1_PREDICT),
+)
+"""Every scoring route with its seed's example body."""

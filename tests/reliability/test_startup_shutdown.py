@@ -70,16 +70,7 @@ class Launched:
             self.proc.wait(10)
 
 
-SCORING = [
-    ("/score/fraud", seed.CARD_FRAUD),
-    ("/score/personalization", seed.PERSONALIZATION),
-    ("/score/batch", seed.BATCH),
-    ("/predict/fraud", seed.AD_FRAUD),
-    ("/predict/ctr", seed.CTR),
-    ("/predict/bid", seed.BID),
-    ("/predict", seed.GENERIC),
-    ("/v1/models/predict", seed.V1_PREDICT),
-]
+SCORING = seed.SCORING_ROUTES
 
 
 @pytest.fixture(scope="module")
