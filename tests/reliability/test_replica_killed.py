@@ -148,6 +148,13 @@ def kill_replica(replica: Served) -> None:
     wait_for(gone, 10, "every process of the killed replica gone")
 
 
+def leader_pid(store: redis.Redis) -> int | None:
+    """The process id of the worker holding the lifecycle leader lease (its worker id is
+    "<pid>-<random>", tiffin/lifecycle/manager.py)."""
+    lease = store.get(f"{TRAFFIC}:leader")
+    return int(str(lease).split("-")[0]) if lease else None
+
+
 def admin(replica: Served, path: str, body: object) -> httpx.Response:
     headers = {"Authorization": f"Bearer {mint(SECRET, 'admin', 600)}"}
     return httpx.post(f"{replica.url}{path}", json=body, headers=headers, timeout=120)
@@ -182,8 +189,7 @@ def test_replica_killed_mid_canary_the_survivors_finish_the_analysis(
     victim, survivors = replicas[0], replicas[1:]
     store = redis.Redis.from_url(fleet_redis.url, decode_responses=True)
     victim_workers = descendants(victim.proc.pid)
-    lease = store.get(f"{TRAFFIC}:leader")
-    assert lease and int(lease.split("-")[0]) in victim_workers, (lease, victim_workers)
+    assert leader_pid(store) in victim_workers, (leader_pid(store), victim_workers)
 
     registered = admin(
         survivors[0],
@@ -218,6 +224,7 @@ def test_replica_killed_mid_canary_the_survivors_finish_the_analysis(
         time.sleep(3.0)  # the victim serves canary traffic and publishes it
         assert clients.served(CANARY, {0}) >= 20
 
+        # its replica id is "<host>-<pid of its serve process>-<random>" (tiffin/replica.py)
         victim_id = next(
             n for n in store.hkeys(f"{TRAFFIC}:stats:live") if f"-{victim.proc.pid}-" in n
         )
@@ -230,10 +237,7 @@ def test_replica_killed_mid_canary_the_survivors_finish_the_analysis(
         # a survivor's worker takes the lease over (it expires TrafficSettings.ack_ttl_s after
         # the victim's last renewal) and finishes the analysis: step to 100 %, then completion
         wait_for(
-            lambda: (
-                (lease := store.get(f"{TRAFFIC}:leader")) is not None
-                and int(lease.split("-")[0]) not in victim_workers
-            ),
+            lambda: leader_pid(store) not in {None, *victim_workers},
             15,
             "a survivor holding the leader lease",
         )
