@@ -51,7 +51,7 @@ ENV = {
     "TIFFIN_METRICS_REPLICA_TIMEOUT_S": "3",
 }
 CANARY = "v3-replica-kill"
-STEP_WINDOW_S = 8.0  # the kill lands ~3 s into the first step, so a survivor decides it
+STEP_WINDOW_S = 8.0  # the kill lands ~4 s into the first step, so a survivor decides it
 # What a killed replica may take with it: what it served after its last publish (one interval,
 # more when a busy box delays the publishing thread), plus answers cut off in flight.
 LOST_WINDOW_S = 1.5
@@ -221,7 +221,7 @@ def test_replica_killed_mid_canary_the_survivors_finish_the_analysis(
         )
         assert deploy.status_code == 202, deploy.text
         deployment = f"/deployments/{deploy.json()['id']}"
-        time.sleep(3.0)  # the victim serves canary traffic and publishes it
+        time.sleep(4.0)  # the victim serves canary traffic and publishes it
         assert clients.served(CANARY, {0}) >= 20
 
         # its replica id is "<host>-<pid of its serve process>-<random>" (tiffin/replica.py)
