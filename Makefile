@@ -18,6 +18,17 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# KServe's InferenceRESTClient, which tests/test_oip.py drives against the V2 routes, in its own
+# virtualenv: kserve pins psutil and protobuf below what BentoML needs. Created once (pip, ~1 min),
+# again only when KSERVE_VERSION changes.
+KSERVE_VERSION := 0.21.0
+KSERVE_VENV := .venv-kserve
+KSERVE_STAMP := $(KSERVE_VENV)/.installed-$(KSERVE_VERSION)
+$(KSERVE_STAMP):
+	rm -rf $(KSERVE_VENV) && $(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/python -m pip install --quiet "kserve==$(KSERVE_VERSION)"
+	@touch $(KSERVE_STAMP)
+
 # Debian's redis-server, installed only when missing (tests start their own instances).
 redis-server:
 	@command -v redis-server >/dev/null || { \
@@ -57,8 +68,8 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy tiffin runners models service.py bench
 
-test: setup redis-server chromium lint typecheck
-	$(VENV)/bin/pytest -q
+test: setup redis-server chromium lint typecheck $(KSERVE_STAMP)
+	TIFFIN_KSERVE_PYTHON=$(CURDIR)/$(KSERVE_VENV)/bin/python $(VENV)/bin/pytest -q
 
 # bandit (no medium/high finding) and pip-audit over tiffin[dev]'s installed dependencies, with
 # justified exceptions in .ci/pip-audit-exceptions.txt; .ci/run calls it after `make test`.
@@ -150,4 +161,4 @@ deploy-e2e: image
 	IMAGE_TAG=$(IMAGE_TAG) $(VENV)/bin/pytest -q -p no:cacheprovider deploy/tests/test_e2e.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(KSERVE_VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -34,7 +34,14 @@ async def main(url: str) -> None:
             await client.infer(url, InferRequest(model_name=name, infer_inputs=[bad]), name)
             errors[label] = None
         except Exception as exc:  # kserve raises httpx.HTTPStatusError with the body's error
-            errors[label] = str(exc)
+            response = getattr(exc, "response", None)
+            errors[label] = {
+                "message": str(exc),
+                "status": None if response is None else response.status_code,
+                # what the client sent, for the test to replay without KServe in between
+                "path": None if response is None else response.request.url.path,
+                "sent": None if response is None else response.request.content.decode(),
+            }
     seen["errors"] = errors
     await client.close()
     print(json.dumps(seen))

@@ -130,9 +130,14 @@ def test_a_shifted_feature_is_flagged_and_the_others_are_not() -> None:
     assert not by_name["flag"]["drifted"] and by_name["flag"]["psi"] < 0.05
     assert set(judged["drifted_features"]) == {"amount", "age"}
     assert judged["drifted_features"][0] == "amount"  # largest PSI first
-    # too few samples: never flagged, whatever the PSI
-    quiet = report("drift_shift", "v1", reference, live, DriftSettings(min_samples=10_000))
-    assert not quiet["drifted"]
+    # what the alert rule reads: the same PSI on the gauge
+    gauge = {"model": "drift_shift", "version": "v1", "feature": "amount"}
+    assert REGISTRY.get_sample_value("ml_feature_drift_psi", gauge) == by_name["amount"]["psi"]
+    # too few samples: never flagged, whatever the PSI, and no gauge for the alert to page on
+    quiet = report("drift_quiet", "v1", reference, live, DriftSettings(min_samples=10_000))
+    assert not quiet["drifted"] and quiet["features"][0]["psi"] > 0.2
+    gauge["model"] = "drift_quiet"
+    assert REGISTRY.get_sample_value("ml_feature_drift_psi", gauge) is None
 
 
 def test_a_version_without_reference_is_reported_not_failed() -> None:

@@ -31,28 +31,51 @@ def post(served: Served, path: str, body: object) -> httpx.Response:
     return httpx.post(f"{served.url}{path}", json=body, timeout=30)
 
 
-def test_score_fraud_seed_example_has_every_seed_field(client) -> None:
+SEED_001_FRAUD_KEYS = {
+    "fraud_score",
+    "risk_level",
+    "confidence",
+    "recommended_action",
+    "explanation",
+    "top_risk_factors",
+    "features_used",
+    "latency_ms",
+    "model_version",
+    "feature_freshness_sec",
+}
+SEED_001_PERSONALIZATION_KEYS = {
+    "relevance_score",
+    "conversion_probability",
+    "engagement_score",
+    "user_segment",
+    "behavioral_signals",
+    "features_used",
+    "latency_ms",
+    "model_version",
+}
+
+
+def feature_report(response: httpx.Response) -> dict[str, object]:
+    """The single endpoints' feature provenance, carried in headers (the body is the seed's)."""
+    defaults = response.headers.get("x-tiffin-feature-defaults")
+    return {
+        "source": response.headers["x-tiffin-feature-source"],
+        "defaults_used": defaults.split(",") if defaults else [],
+        "degraded": response.headers["x-tiffin-feature-degraded"] == "true",
+    }
+
+
+def test_score_fraud_seed_example_has_every_seed_field(client, tiffin: Served) -> None:
     out = client.score_fraud(**seed.CARD_FRAUD)
-    for field in (
-        "fraud_score",
-        "risk_level",
-        "confidence",
-        "recommended_action",
-        "explanation",
-        "top_risk_factors",
-        "features_used",
-        "latency_ms",
-        "model_version",
-        "feature_freshness_sec",
-    ):
-        assert field in out, field
+    assert set(out) == SEED_001_FRAUD_KEYS  # the seed's body exactly, nothing added
     assert 0.0 <= out["fraud_score"] <= 1.0
     assert out["confidence"] == pytest.approx(
         max(out["fraud_score"], 1 - out["fraud_score"]), abs=1e-6
     )
     assert out["features_used"] == 16
     assert out["model_version"] == "v1.0"
-    assert out["features"] == {"source": "redis", "defaults_used": [], "degraded": False}
+    response = post(tiffin, "/score/fraud", seed.CARD_FRAUD)
+    assert feature_report(response) == {"source": "redis", "defaults_used": [], "degraded": False}
     # the seeding command stamps records up to 300 s back; freshness is measured, not invented
     assert 0 <= out["feature_freshness_sec"] <= 400
 
@@ -65,10 +88,12 @@ def test_high_risk_merchant_raises_score_and_names_merchant_risk(client) -> None
     assert risky["recommended_action"] in ("review", "decline")
 
 
-def test_unknown_card_falls_back_to_defaults_and_says_so(client) -> None:
-    out = client.score_fraud(card_id="card_never_seen", transaction_amount=42.0)
-    assert out["features"]["defaults_used"] == ["card:card_never_seen"]
-    assert out["feature_freshness_sec"] is None
+def test_unknown_card_falls_back_to_defaults_and_says_so(tiffin: Served) -> None:
+    response = post(
+        tiffin, "/score/fraud", {"card_id": "card_never_seen", "transaction_amount": 42}
+    )
+    assert feature_report(response)["defaults_used"] == ["card:card_never_seen"]
+    assert response.json()["feature_freshness_sec"] is None
 
 
 def test_score_fraud_can_add_a_schema_valid_llm_explanation(client) -> None:
@@ -79,27 +104,18 @@ def test_score_fraud_can_add_a_schema_valid_llm_explanation(client) -> None:
     explanation = FraudExplanation.model_validate(out["llm_explanation"])
     assert explanation.risk_level in ("low", "medium", "high")
     plain = client.score_fraud(**seed.CARD_FRAUD)
-    assert plain["llm_explanation"] is None and plain["fraud_score"] == out["fraud_score"]
+    assert set(plain) == SEED_001_FRAUD_KEYS and plain["fraud_score"] == out["fraud_score"]
 
 
-def test_personalization_seed_example(client) -> None:
+def test_personalization_seed_example(client, tiffin: Served) -> None:
     out = client.score_personalization(**seed.PERSONALIZATION)
-    for field in (
-        "relevance_score",
-        "conversion_probability",
-        "engagement_score",
-        "user_segment",
-        "behavioral_signals",
-        "features_used",
-        "latency_ms",
-        "model_version",
-    ):
-        assert field in out, field
+    assert set(out) == SEED_001_PERSONALIZATION_KEYS  # the seed's body exactly
     assert out["features_used"] == 12
     assert all(
         0 <= out[k] <= 1 for k in ("relevance_score", "conversion_probability", "engagement_score")
     )
-    assert out["features"]["defaults_used"] == ["session:session_abc123"]
+    response = post(tiffin, "/score/personalization", seed.PERSONALIZATION)
+    assert feature_report(response)["defaults_used"] == ["session:session_abc123"]
 
 
 def test_score_batch_seed_example(client) -> None:
@@ -126,17 +142,22 @@ def test_batch_rows_equal_single_requests(tiffin: Served) -> None:
     assert batch.status_code == 200, batch.text
     rows = batch.json()["results"]
     assert len(rows) == len(items)
-    volatile = {"latency_ms", "feature_freshness_sec", "llm_explanation", "llm_explanation_source"}
+    volatile = {"latency_ms", "feature_freshness_sec"}
     for item, row in zip(items, rows, strict=True):
-        single = post(tiffin, "/score/fraud", item).json()
+        response = post(tiffin, "/score/fraud", item)
+        single = response.json()
+        # a row is the single answer plus what tells rows apart (card id, feature report)
+        assert row.pop("card_id") == item["card_id"]
+        assert row.pop("features") == feature_report(response)
         assert {k: v for k, v in row.items() if k not in volatile} == {
             k: v for k, v in single.items() if k not in volatile
         }
         if row["feature_freshness_sec"] is not None:  # the records aged while we asked again
             aged = single["feature_freshness_sec"] - row["feature_freshness_sec"]
             assert -1 <= aged <= time.monotonic() - scored_at + 1
-    assert rows[-2]["features"]["defaults_used"] == ["card:card_never_seen"]
-    assert rows[2]["features"]["defaults_used"] == ["merchant:merchant_unknown"]
+    batch_rows = batch.json()["results"]
+    assert batch_rows[-2]["features"]["defaults_used"] == ["card:card_never_seen"]
+    assert batch_rows[2]["features"]["defaults_used"] == ["merchant:merchant_unknown"]
     assert any(r["top_risk_factors"] for r in rows)
 
 
@@ -151,13 +172,19 @@ def test_personalization_batch_rows_equal_single_requests(tiffin: Served) -> Non
     batch = post(tiffin, "/score/batch", {"model_type": "personalization", "requests": items})
     assert batch.status_code == 200, batch.text
     rows = batch.json()["results"]
-    volatile = {"latency_ms", "feature_freshness_sec"}
     for item, row in zip(items, rows, strict=True):
-        single = post(tiffin, "/score/personalization", item).json()
-        assert {k: v for k, v in row.items() if k not in volatile} == {
-            k: v for k, v in single.items() if k not in volatile
-        }
-    assert rows[-1]["features"]["defaults_used"] == ["user:user_nobody", "item:i"]
+        response = post(tiffin, "/score/personalization", item)
+        single = response.json()
+        assert (row.pop("user_id"), row.pop("item_id")) == (item["user_id"], item["item_id"])
+        assert row.pop("features") == feature_report(response)
+        freshness = response.headers.get("x-tiffin-feature-freshness-sec")
+        assert (row.pop("feature_freshness_sec") is None) == (freshness is None)
+        del row["latency_ms"], single["latency_ms"]
+        assert row == single
+    assert batch.json()["results"][-1]["features"]["defaults_used"] == [
+        "user:user_nobody",
+        "item:i",
+    ]
 
 
 def test_seed_000_endpoints(client) -> None:
@@ -322,10 +349,12 @@ def test_non_json_body_is_a_400(tiffin: Served) -> None:
 def test_redis_outage_degrades_instead_of_failing(client, tiffin: Served, stack: Stack) -> None:
     """Runs after the others of its topology: it stops the stack's Redis."""
     stack.redis.stop()
-    out = client.score_fraud(**seed.CARD_FRAUD)
-    assert out["features"]["degraded"] is True
-    assert out["features"]["defaults_used"] == ["card:card_00001234", "merchant:merchant_12345"]
-    assert out["feature_freshness_sec"] is None
+    response = post(tiffin, "/score/fraud", seed.CARD_FRAUD)
+    assert response.status_code == 200, response.text
+    report = feature_report(response)
+    assert report["degraded"] is True
+    assert report["defaults_used"] == ["card:card_00001234", "merchant:merchant_12345"]
+    assert response.json()["feature_freshness_sec"] is None
     health = httpx.get(f"{tiffin.url}/health").json()
     assert health["status"] == "degraded"
     assert health["components"]["feature_store"]["status"] in ("down", "degraded")

@@ -102,7 +102,7 @@ def test_contributions_equal_the_native_librarys(post: Post, family: str, versio
     check_explained(answer, family, version, rows)
     # the scores are those of the same request without explanations
     plain = post("/predict", body(family, names, rows)).json()
-    assert plain["explanations"] is None
+    assert "explanations" not in plain  # seed 003's body, unchanged when not asked for
     np.testing.assert_allclose(
         answer["probabilities"]["class_1"], plain["probabilities"]["class_1"], atol=1e-5
     )

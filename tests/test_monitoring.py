@@ -9,6 +9,7 @@ import asyncio
 import math
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -147,6 +148,18 @@ def test_alerts_keep_the_time_they_were_first_seen() -> None:
     assert monitor.first_seen({"a", "b"}, 105.0) == {"a": 100.0, "b": 105.0}
     assert monitor.first_seen({"b"}, 110.0) == {"b": 105.0}  # a resolved
     assert monitor.first_seen({"a", "b"}, 120.0) == {"a": 120.0, "b": 105.0}  # a is new again
+
+
+def test_workers_of_one_replica_agree_on_since(tmp_path: Path) -> None:
+    """Two workers' monitors sharing the replica's directory (as BentoML's workers share its
+    multiprocess directory): whichever answers, an alert's `since` is when either first saw it."""
+    first, second = mon.Monitor(replica_dir=str(tmp_path)), mon.Monitor(replica_dir=str(tmp_path))
+    assert first.first_seen({"a"}, 100.0) == {"a": 100.0}
+    assert second.first_seen({"a", "b"}, 130.0) == {"a": 100.0, "b": 130.0}
+    assert first.first_seen({"b"}, 140.0) == {"b": 130.0}  # a resolved, for both
+    assert second.first_seen({"a", "b"}, 150.0) == {"a": 150.0, "b": 130.0}
+    (tmp_path / "alerts-first-seen.json").write_text("[1, 2")  # torn: forgotten, not fatal
+    assert first.first_seen({"b"}, 160.0) == {"b": 160.0}
 
 
 def test_memory_is_measured_against_a_real_limit() -> None:

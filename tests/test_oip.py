@@ -256,8 +256,9 @@ KSERVE_PYTHON = os.environ.get("TIFFIN_KSERVE_PYTHON")
 
 @pytest.mark.skipif(
     not KSERVE_PYTHON,
-    reason="set TIFFIN_KSERVE_PYTHON to a python with kserve installed (its pins on psutil and "
-    "protobuf conflict with BentoML's, so it cannot live in Tiffin's venv)",
+    reason="set TIFFIN_KSERVE_PYTHON to a python with kserve installed, as `make test` does "
+    "with .venv-kserve (its pins on psutil and protobuf conflict with BentoML's, so it cannot "
+    "live in Tiffin's venv)",
 )
 def test_kserve_inference_rest_client(oip_url: str) -> None:
     probe = Path(__file__).with_name("kserve_probe.py")
@@ -272,11 +273,28 @@ def test_kserve_inference_rest_client(oip_url: str) -> None:
     assert seen["live"] and seen["ready"] and seen["model_ready"]
     assert seen["outputs"]["label"] == ["setosa", "virginica"]
     assert seen["outputs"]["class_index"] == [0, 2]
-    errors = seen["errors"]
-    assert "404" in errors["unknown_model"] and "'nope'" in errors["unknown_model"]
-    assert "400" in errors["bad_datatype"] and "BYTES" in errors["bad_datatype"]
-    assert "400" in errors["wrong_shape"] and "[rows, 4]" in errors["wrong_shape"]
-    assert "400" in errors["unknown_input"] and "'sepal'" in errors["unknown_input"]
+    expected = {  # the status and what the error must name
+        "unknown_model": (404, "'nope'"),
+        "bad_datatype": (400, "BYTES"),
+        "wrong_shape": (400, "[rows, 4]"),
+        "unknown_input": (400, "'sepal'"),
+    }
+    for label, (status, named) in expected.items():
+        error = seen["errors"][label]
+        assert error is not None, f"{label}: KServe's client accepted it"
+        assert error["status"] == status, (label, error)
+        # KServe's message starts with the body's `error` string only when the body is JSON
+        # served as exactly `application/json` with an `error` key (else the whole body, or
+        # nothing): replayed without KServe, the same request must give that very string
+        replayed = httpx.post(
+            f"http://{oip_url}{error['path']}",
+            content=error["sent"],
+            headers={"Content-Type": "application/json"},
+        )
+        assert replayed.status_code == status, replayed.text
+        reason = replayed.reason_phrase
+        assert error["message"].startswith(f"{replayed.json()['error']}, '{status} {reason}'")
+        assert named in replayed.json()["error"], (label, replayed.json())
 
 
 class RoutedElsewhere(StoreBackend):

@@ -202,3 +202,35 @@ def test_production_refuses_placeholder_secrets() -> None:
             check_startup(AuthSettings(jwt_secret_key=secret), "production")
     check_startup(AuthSettings(jwt_secret_key="your-secret-key"), "development")
     check_startup(AuthSettings(jwt_secret_key="k" * 48), "production")
+
+
+def test_a_family_met_for_the_first_time_is_looked_up_off_the_event_loop() -> None:
+    """A remote generic runner is asked whether a name exists with a blocking call; the router
+    makes it on a worker thread, so a client asking for unknown names stalls only itself."""
+    import asyncio
+
+    from tiffin.errors import ModelNotFound
+    from tiffin.lifecycle.router import Router
+
+    def slow_lookup(name: str) -> LocalFamily:
+        time.sleep(0.5)  # a runner far away answering "not in the store"
+        raise ModelNotFound(f"model {name!r} is not in the model store")
+
+    router = Router(Families({}, generic=slow_lookup), lifecycle=None)
+
+    async def run() -> int:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        with pytest.raises(ModelNotFound):
+            await router.choose("nope", entity=None)
+        task.cancel()
+        return ticks
+
+    assert asyncio.run(run()) >= 20  # ~50 while the lookup waits; 0 if it blocked the loop

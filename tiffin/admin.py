@@ -31,6 +31,9 @@ from tiffin.lifecycle import stats as vm
 from tiffin.lifecycle.manager import LifecycleManager, split_id
 from tiffin.lifecycle.traffic import Strategy, Thresholds
 
+REVISION = "X-Tiffin-Revision"
+"""Response header: the lifecycle state revision an admin change produced."""
+
 # BentoML's tag rules (a name or version it refuses cannot be stored): 422 naming the field.
 TAG_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$"
 
@@ -223,7 +226,8 @@ async def reload_model(request: Request) -> Any:
     lifecycle = _lifecycle(request)
     name = request.path_params["model"]
     state = await _thread(lifecycle.reload, name)
-    return {"message": f"Reloading model {name}", "revision": state.revision}
+    # seed 003's body exactly; the lifecycle revision that carries the reload rides in a header
+    return JSON({"message": f"Reloading model {name}"}, headers={REVISION: str(state.revision)})
 
 
 # --- traffic ----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,7 @@ from tiffin.llm import routes as llm_routes
 from tiffin.llm.forward import is_llm_path
 from tiffin.oip import RouterBackend, oip_routes
 from tiffin.openapi import ApiDoc, bentoml_schema, openapi_document
-from tiffin.pipelines import Scoring, V1Request
+from tiffin.pipelines import Reply, Scoring, V1Request
 
 log = logging.getLogger("tiffin.app")
 ASGI = Callable[[Any, Any, Any], Awaitable[None]]
@@ -269,8 +269,10 @@ class TiffinApp:
                     result = await route.handle(self._scoring(), decode(route.doc.request, body))
             else:
                 result = await route.handle(self._scoring(), decode(route.doc.request, body))
+            headers: Iterable[tuple[str, str]] = ()
+            if isinstance(result, Reply):
+                headers, result = result.headers.items(), result.body
             status, payload = 200, _json_bytes(result)
-            headers: tuple[tuple[str, str], ...] = ()
         except Exception as exc:
             problem = problem_of(exc)
             status, payload = problem.status, orjson.dumps(tiffin_body(problem))

@@ -171,7 +171,8 @@ def drift_metrics() -> DriftMetrics:
         psi=Gauge(
             "ml_feature_drift_psi",
             "PSI of live traffic against the version's reference, over every replica "
-            f"(feature {SCORE_FEATURE!r}: the score); refreshed on each /metrics scrape",
+            f"(feature {SCORE_FEATURE!r}: the score), once it has TIFFIN_DRIFT_MIN_SAMPLES live "
+            "values; refreshed on each /metrics scrape",
             ["model", "version", "feature"],
             multiprocess_mode="livemostrecent",
         ),
@@ -327,9 +328,12 @@ def report(
         score = _judged(
             SCORE_FEATURE, psi(reference.score, live_scores), int(sum(live_scores)), settings
         )
+    # The alert rule reads the gauge: set only once a value could be flagged `drifted` here, so
+    # a version that has seen a handful of rows (PSI of 10 bins over 20 values is noise) cannot
+    # page while /drift calls it fine.
     gauge = drift_metrics().psi
     for entry in (*features, *([score] if score else [])):
-        if entry["psi"] is not None:
+        if entry["psi"] is not None and entry["samples"] >= settings.min_samples:
             gauge.labels(model, version, entry["feature"]).set(entry["psi"])
     features.sort(key=lambda f: -(f["psi"] or 0.0))
     return {

@@ -9,6 +9,7 @@ on another machine. `Families` resolves a family name to one of them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -261,7 +262,10 @@ class RemoteFamily:
         return self._default
 
     async def ref(self, version: str | None) -> ModelRef:
-        version = version or self.default_version
+        if version is None:
+            if self._default is None:  # asked without blocking the event loop
+                self._default = str(await self.client.acall("default_version", family=self.name))
+            version = self._default
         found = self._refs.get(version)
         if found is None:
             card = await self.client.acall("card", family=self.name, version=version)
@@ -315,6 +319,15 @@ class Families:
             if name not in self._others:
                 self._others[name] = self._generic(name)
             return self._others[name]
+
+    async def aget(self, name: str) -> Family:
+        """`get` for the request path: a family met for the first time may need a call to a
+        remote runner (is it in the store?), made on a worker thread, so a client asking for
+        names that do not exist stalls its own request, not the event loop."""
+        found = self.dedicated.get(name) or self._others.get(name)
+        if found is not None:
+            return found
+        return await asyncio.to_thread(self.get, name)
 
     def find(self, name: str) -> Family | None:
         try:

@@ -157,6 +157,7 @@ class VersionMetrics:
     scores: Any
     batch_size: Any
     feature_age: Any
+    feature_oldest: Any
     stages: tuple[Any, ...]
 
 
@@ -170,6 +171,7 @@ def of_version(model: str, version: str) -> VersionMetrics:
         scores=m.scores.labels(model, version),
         batch_size=m.batch_size.labels(model, version),
         feature_age=m.feature_age.labels(model, version),
+        feature_oldest=m.feature_oldest.labels(model, version),
         stages=tuple(m.stages.labels(model, version, stage) for stage in STAGES),
     )
 
@@ -264,7 +266,7 @@ def observe_feature_age(model: str, version: str, columns: Iterable[EntityColumn
             if first < oldest:
                 oldest = first
     if oldest != math.inf:
-        metrics().feature_oldest.labels(model, version).set(oldest)
+        of_version(model, version).feature_oldest.set(oldest)
 
 
 def exposition() -> tuple[bytes, str]:

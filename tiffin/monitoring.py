@@ -18,6 +18,8 @@ open, memory > 85 %, feature freshness > 5 min) to the report.
 
 from __future__ import annotations
 
+import fcntl
+import json
 import math
 import os
 import threading
@@ -77,12 +79,16 @@ class AlertSettings(BaseSettings):
 @dataclass
 class Monitor:
     """One worker's memory for the report: earlier cumulative snapshots (a rate needs two
-    points) and when each alert was first seen. Lives on the `Worker`, not in a module."""
+    points), and the way to the replica's record of when each alert was first seen. Lives on
+    the `Worker`, not in a module."""
 
     settings: AlertSettings = field(default_factory=AlertSettings)
     history: deque[tuple[float, vm.Snapshots]] = field(default_factory=lambda: deque(maxlen=256))
     since: dict[str, float] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    replica_dir: str | None = None
+    """Where the replica's workers share `since` (default: the replica's Prometheus
+    multiprocess directory, read when first needed: BentoML sets it after the worker starts)."""
 
     def remember(self, now: float, snaps: vm.Snapshots) -> tuple[float, vm.Snapshots] | None:
         """Keeps `snaps` and returns the base of the recent figures: the newest snapshot at least
@@ -98,13 +104,32 @@ class Monitor:
             return base
 
     def first_seen(self, active: set[str], now: float) -> dict[str, float]:
+        """When each active alert was first seen firing by any worker of this replica (the
+        dashboard's polls land on any worker: `since` must not depend on which one answers).
+        Without a multiprocess directory (one process), in this object."""
+        directory = self.replica_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         with self.lock:
-            for name in list(self.since):
-                if name not in active:
-                    del self.since[name]
-            for name in active:
-                self.since.setdefault(name, now)
-            return dict(self.since)
+            if not directory:
+                self.since = _still_active(self.since, active, now)
+                return dict(self.since)
+            # a JSON file under an exclusive lock; prometheus_client reads only *.db files here
+            fd = os.open(Path(directory, "alerts-first-seen.json"), os.O_RDWR | os.O_CREAT, 0o600)
+            with open(fd, "r+") as file:
+                fcntl.flock(file, fcntl.LOCK_EX)  # released when the file closes
+                try:
+                    since = {str(k): float(v) for k, v in json.loads(file.read() or "{}").items()}
+                except (ValueError, AttributeError):  # torn or foreign content: start over
+                    since = {}
+                since = _still_active(since, active, now)
+                file.seek(0)
+                file.truncate()
+                file.write(json.dumps(since))
+            return since
+
+
+def _still_active(since: dict[str, float], active: set[str], now: float) -> dict[str, float]:
+    """Resolved alerts forgotten (firing again later is a new `since`), new ones seen `now`."""
+    return {name: since.get(name, now) for name in active}
 
 
 # --- metrics this replica's workers wrote --------------------------------------------------

@@ -48,7 +48,6 @@ from tiffin.schemas import (
     CtrResponse,
     Explanations,
     GenericPredictRequest,
-    GenericPredictResponse,
     PersonalizationRequest,
     RowExplanation,
 )
@@ -405,7 +404,7 @@ class CardFraudPipeline(Pipeline[Sequence[CardFraudRequest], Rows]):
         factors = CARD_FACTORS.top(answer.contributions)
         report = EntityReport(self.store.backend, features.context, time.time())
         report.observe(answer.ref.name, answer.ref.version)
-        rounded = np.round(answer.scores.astype(np.float64), 6).tolist()
+        rounded = answer.scores.astype(np.float64).round(6).tolist()
         latency = _ms_since(started)
         version = answer.ref.version
         results = []
@@ -461,7 +460,7 @@ class PersonalizationPipeline(Pipeline[Sequence[PersonalizationRequest], Rows]):
         started: float,
     ) -> Rows:
         users, items, sessions, rows = features.context
-        outputs = np.round(np.clip(answer.scores, 0.0, 1.0).astype(np.float64), 6).tolist()
+        outputs = np.clip(answer.scores, 0.0, 1.0).astype(np.float64).round(6).tolist()
         report = EntityReport(self.store.backend, (users, items, sessions), time.time())
         report.observe(answer.ref.name, answer.ref.version)
         user_values, session_values = users.values.tolist(), sessions.values.tolist()
@@ -495,7 +494,10 @@ class PersonalizationPipeline(Pipeline[Sequence[PersonalizationRequest], Rows]):
 # --- seed 003 ---------------------------------------------------------------------------------
 
 
-class GenericPipeline(Pipeline[GenericPredictRequest, GenericPredictResponse]):
+class GenericPipeline(Pipeline[GenericPredictRequest, dict[str, Any]]):
+    """Seed 003's `/predict`. The answer is a plain dict (the shape of `GenericPredictResponse`):
+    built once and encoded once, and `explanations` only when the request asked for them."""
+
     family = ""  # per request: `model_name`
     route_field = "model_name"
 
@@ -525,15 +527,14 @@ class GenericPipeline(Pipeline[GenericPredictRequest, GenericPredictResponse]):
         features: Features,
         answer: Answer,
         started: float,
-    ) -> GenericPredictResponse:
-        return GenericPredictResponse(
-            **encode_outputs(answer.scores, answer.ref.card.task),
-            correlation_id=request.correlation_id or str(uuid.uuid4()),
-            model_name=answer.ref.name,
-            model_version=answer.ref.version,
-            latency_ms=_ms_since(started),
-            explanations=explain_rows(answer) if request.explain else None,
-        )
+    ) -> dict[str, Any]:
+        body = encode_outputs(answer.scores, answer.ref.card.task)
+        body["correlation_id"] = request.correlation_id or str(uuid.uuid4())
+        body["model_version"] = answer.ref.version
+        body["latency_ms"] = _ms_since(started)
+        if request.explain:
+            body["explanations"] = explain_rows(answer).model_dump(mode="json")
+        return body
 
     def recorded(self, answer: Answer) -> np.ndarray | None:
         return answer.scores if answer.ref.card.task == "binary" else None
@@ -624,15 +625,16 @@ def encode_outputs(outputs: np.ndarray, task: str) -> dict[str, Any]:
     outputs = outputs.astype(np.float64)  # round in float64, or float32 noise shows in the JSON
     if task in ("binary", "multiclass"):
         probs = outputs if outputs.ndim == 2 else np.column_stack([1 - outputs, outputs])
+        # Rounded once (rounding keeps order, so the rounded maximum is the rounded confidence):
+        # on the one-row requests that dominate, each numpy call costs more than its arithmetic.
+        rounded = probs.round(6)
         return {
-            "prediction": probs.argmax(axis=1).astype(int).tolist(),
-            "confidence": np.round(probs.max(axis=1), 6).tolist(),
-            "probabilities": {
-                f"class_{k}": np.round(probs[:, k], 6).tolist() for k in range(probs.shape[1])
-            },
+            "prediction": probs.argmax(axis=1).tolist(),
+            "confidence": rounded.max(axis=1).tolist(),
+            "probabilities": {f"class_{k}": column for k, column in enumerate(rounded.T.tolist())},
         }
     first = outputs if outputs.ndim == 1 else outputs[:, 0]
-    return {"prediction": np.round(first, 6).tolist(), "confidence": [], "probabilities": {}}
+    return {"prediction": first.round(6).tolist(), "confidence": [], "probabilities": {}}
 
 
 # --- seed 004 ---------------------------------------------------------------------------------
@@ -676,9 +678,9 @@ class V1Pipeline(Pipeline[V1Request, dict[str, Any]]):
             probs = outputs if outputs.ndim == 2 else np.column_stack([1 - outputs, outputs])
             labels = ref.card.output_names or [f"class_{k}" for k in range(probs.shape[1])]
             body["predictions"] = [labels[k] for k in probs.argmax(axis=1)]
-            body["probabilities"] = np.round(probs, 6).tolist()
+            body["probabilities"] = probs.round(6).tolist()
         else:
-            body["predictions"] = np.round(outputs, 6).tolist()
+            body["predictions"] = outputs.round(6).tolist()
         body["latency_ms"] = _ms_since(started)
         return body
 
@@ -742,6 +744,38 @@ Explainer = Callable[[Mapping[str, Any]], Awaitable[tuple[FraudExplanation, str]
 """Writes `/score/fraud`'s `llm_explanation`: the LLM's in time, else the rule-based one."""
 
 
+@dataclass(frozen=True)
+class Reply:
+    """A single-row answer: the seed's body exactly as documented, and response headers for
+    what the body has no place for (where each entity's features came from)."""
+
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+FEATURE_HEADERS = (
+    "X-Tiffin-Feature-Source",
+    "X-Tiffin-Feature-Degraded",
+    "X-Tiffin-Feature-Defaults",
+    "X-Tiffin-Feature-Freshness-Sec",
+)
+
+
+def _reply(row: dict[str, Any], extras: Sequence[str]) -> Reply:
+    """A batch row as the single endpoint's reply: the keys a batch row adds so its rows can be
+    told apart (`extras`) leave the body, the feature report moves to headers."""
+    report = row.pop("features")
+    for key in extras:
+        del row[key]
+    headers = {
+        FEATURE_HEADERS[0]: report["source"],
+        FEATURE_HEADERS[1]: "true" if report["degraded"] else "false",
+    }
+    if report["defaults_used"]:
+        headers[FEATURE_HEADERS[2]] = ",".join(report["defaults_used"])
+    return Reply(row, headers)
+
+
 class Scoring:
     """The scoring endpoints over the worker's pipelines: what a route handler calls."""
 
@@ -763,9 +797,9 @@ class Scoring:
         self.rows = RowsPipeline(router, store, spans)
         self.explainer = explainer
 
-    async def score_fraud(self, request: CardFraudRequest) -> dict[str, Any]:
-        response = (await self.card_fraud([request]))[0]
-        response["llm_explanation"] = response["llm_explanation_source"] = None
+    async def score_fraud(self, request: CardFraudRequest) -> Reply:
+        reply = _reply((await self.card_fraud([request]))[0], ("card_id",))
+        response = reply.body
         if request.llm_explanation:
             context = {
                 **request.model_dump(exclude={"llm_explanation"}),
@@ -774,10 +808,15 @@ class Scoring:
             written, source = await self.explainer(context)
             response["llm_explanation"] = written.model_dump(mode="json")
             response["llm_explanation_source"] = source
-        return response
+        return reply
 
-    async def score_personalization(self, request: PersonalizationRequest) -> dict[str, Any]:
-        return (await self.personalization([request]))[0]
+    async def score_personalization(self, request: PersonalizationRequest) -> Reply:
+        row = (await self.personalization([request]))[0]
+        freshness = row["feature_freshness_sec"]
+        reply = _reply(row, ("user_id", "item_id", "feature_freshness_sec"))
+        if freshness is not None:  # seed 001 shows no freshness in this body
+            reply.headers[FEATURE_HEADERS[3]] = str(freshness)
+        return reply
 
     async def batch(
         self, model_type: str, requests: Sequence[Mapping[str, Any]], batch_id: str | None
@@ -799,5 +838,5 @@ class Scoring:
 
     async def predict_batch(
         self, requests: Sequence[GenericPredictRequest]
-    ) -> list[GenericPredictResponse]:
+    ) -> list[dict[str, Any]]:
         return [await self.generic(r) for r in requests]

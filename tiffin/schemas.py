@@ -110,12 +110,17 @@ class PersonalizationRequest(_Request):
 
 
 class FeatureStatus(BaseModel):
+    """Where a row's features came from: `features` in each `/score/batch` row; the single
+    endpoints send it as `X-Tiffin-Feature-*` headers, their bodies being seed 001's."""
+
     source: Literal["redis", "embedded"]
     defaults_used: list[str] = Field(description="entities scored on documented default features")
     degraded: bool = Field(description="true when the feature store was unreachable")
 
 
 class CardFraudResponse(BaseModel):
+    """Seed 001's body; the two `llm_explanation` fields only when the request asked for one."""
+
     fraud_score: float
     risk_level: Literal["low", "medium", "high"]
     confidence: float
@@ -126,13 +131,20 @@ class CardFraudResponse(BaseModel):
     latency_ms: float
     model_version: str
     feature_freshness_sec: int | None
-    card_id: str
-    features: FeatureStatus
     llm_explanation: FraudExplanation | None = None
     llm_explanation_source: Literal["llm", "rules"] | None = None
 
 
+class CardFraudRow(CardFraudResponse):
+    """One `/score/batch` row of a fraud batch: the single answer plus what tells rows apart."""
+
+    card_id: str
+    features: FeatureStatus
+
+
 class PersonalizationResponse(BaseModel):
+    """Seed 001's body."""
+
     relevance_score: float
     conversion_probability: float
     engagement_score: float
@@ -141,6 +153,11 @@ class PersonalizationResponse(BaseModel):
     features_used: int
     latency_ms: float
     model_version: str
+
+
+class PersonalizationRow(PersonalizationResponse):
+    """One `/score/batch` row of a personalization batch."""
+
     user_id: str
     item_id: str
     feature_freshness_sec: int | None
@@ -157,7 +174,7 @@ class BatchResponse(BaseModel):
     batch_id: str | None
     model_type: str
     count: int
-    results: list[dict[str, Any]]
+    results: list[CardFraudRow] | list[PersonalizationRow]
     model_version: str
     latency_ms: float
 
@@ -204,7 +221,6 @@ class GenericPredictResponse(BaseModel):
     confidence: list[float]
     probabilities: dict[str, list[float]]
     correlation_id: str
-    model_name: str
     model_version: str
     latency_ms: float
     explanations: Explanations | None = None

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 
@@ -374,12 +375,54 @@ def test_analysis_fails_for_a_broken_canary(canary: podman_pod.Pod, prometheus: 
     raise AssertionError(f"the analysis still passes a broken canary: {verdicts}")
 
 
+DRIFTING = "1.0.1-drift"
+
+
+def register_drifting_version(pod: podman_pod.Pod) -> None:
+    """your_model's ONNX from the pod's own store, registered again as DRIFTING with reference
+    rows, so `ml_feature_drift_psi` exists whatever the image's models were saved with (a store
+    trained before drift tracking has no reference distributions)."""
+    onnx = "/home/bentoml/bento/models/your_model/1.0.0/model.onnx"
+    artifact = podman_pod.podman("exec", pod.main, "base64", "-w0", onnx).stdout.strip()
+    reference = np.random.default_rng(0).normal(0.0, 1.0, (2000, 2))
+    registered = httpx.post(
+        f"{pod.url}/models/register",
+        json={
+            "name": "your_model",
+            "version": DRIFTING,
+            "artifact_base64": artifact,
+            "filename": "model.onnx",
+            "feature_names": ["feature1", "feature2"],
+            "task": "binary",
+            "reference_rows": reference.tolist(),
+        },
+        headers=token(),
+        timeout=120,
+    )
+    assert registered.status_code == 201, registered.text
+
+
+def drifted_traffic(pod: podman_pod.Pod) -> None:
+    """Rows pinned to DRIFTING, feature1 shifted by 3 standard deviations; more of them than
+    TIFFIN_DRIFT_MIN_SAMPLES (100), below which the PSI gauge is not exported."""
+    rng = np.random.default_rng()
+    features = {
+        "feature1": (rng.normal(0.0, 1.0, 150) + 3.0).tolist(),
+        "feature2": rng.normal(0.0, 1.0, 150).tolist(),
+    }
+    body = {"model_name": "your_model", "version": DRIFTING, "features": features}
+    answer = httpx.post(f"{pod.url}/predict", json=body, timeout=30)
+    assert answer.status_code == 200, answer.text
+
+
 def test_every_promql_expression_has_data(
     stable: podman_pod.Pod, canary: podman_pod.Pod, prometheus: Prometheus
 ) -> None:
     """So every metric name in the AnalysisTemplate, the rules and the dashboard is one Tiffin
     exports. A model version that fails to load (a corrupted file in the pod's model store,
-    requested by version) produces the load-failure series."""
+    requested by version) produces the load-failure series; a version registered with reference
+    rows and sent shifted rows, the drift series."""
+    register_drifting_version(stable)
     store = "/home/bentoml/bento/models/your_model"
     corrupt = (
         f"cp -R {store}/1.0.0 {store}/6.6.6-corrupt && "
@@ -396,6 +439,7 @@ def test_every_promql_expression_has_data(
     while time.monotonic() < deadline:
         traffic(stable, 3, llm=True)
         traffic(canary, 3)
+        drifted_traffic(stable)
         time.sleep(SCRAPE_S * 2)
         empty = [name for name, expr in exprs.items() if not prometheus.query(expr)]
         if not empty:

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import httpx
 
@@ -80,44 +80,79 @@ def retry_delay(
     return backoff
 
 
-def _answer(call: Call[T], response: httpx.Response, request_id: str) -> T:
-    if response.status_code in call.answers:
+class Attempts:
+    """One call's tries and retry policy, with the I/O left to the client that owns it: both
+    clients run the same loop (build `request`, send it, ask `retry_in`, sleep or stop with
+    `result`), the sync one blocking and the async one awaiting. Every try carries one request
+    id, so the service's logs show one logical request."""
+
+    def __init__(
+        self, settings: ClientSettings, call: Call[T], rng: random.Random, stream: bool = False
+    ) -> None:
+        self.settings = settings
+        self.call = call
+        self.rng = rng
+        self.stream = stream
+        self.request_id = uuid.uuid4().hex
+        self.tried = 0
+
+    def request(self, http: httpx.Client | httpx.AsyncClient) -> httpx.Request:
+        call = self.call
+        return http.build_request(
+            call.method,
+            call.path,
+            json={**call.json, "stream": True} if self.stream else call.json,
+            params=call.params,
+            headers={REQUEST_ID_HEADER: self.request_id},
+        )
+
+    def retry_in(
+        self, response: httpx.Response | None = None, error: httpx.TransportError | None = None
+    ) -> float | None:
+        """Seconds to wait before trying again after this outcome; None when it is final."""
+        delay = retry_delay(self.settings, self.tried, self.call, response, error, self.rng)
+        self.tried += 1
+        return delay
+
+    def failure(self, error: httpx.TransportError) -> TransportError:
+        """The typed error of a request that got no answer after its last try."""
+        kind = "timed out" if isinstance(error, httpx.TimeoutException) else "failed"
+        return TransportError(f"request {kind}: {error!r}", request_id=self.request_id)
+
+    def result(self, response: httpx.Response) -> Any:
+        """The typed answer of a final response, or the typed error it stands for."""
+        call, request_id = self.call, self.request_id
+        if response.status_code in call.answers:
+            try:
+                return call.parse(response.text if call.text else response.json())
+            except (ValueError, KeyError, TypeError) as exc:  # ValidationError is a ValueError
+                raise TiffinClientError(
+                    f"{call.method} {call.path}: unexpected answer ({exc})",
+                    status=response.status_code,
+                    body=response.text,
+                    request_id=request_id,
+                ) from exc
         try:
-            return call.parse(response.text if call.text else response.json())
-        except (ValueError, KeyError, TypeError) as exc:  # ValidationError is a ValueError
-            raise TiffinClientError(
-                f"{call.method} {call.path}: unexpected answer ({exc})",
-                status=response.status_code,
-                body=response.text,
-                request_id=request_id,
-            ) from exc
-    try:
-        body: Any = response.json()
-    except ValueError:
-        body = response.text
-    raise error_for(response.status_code, body, response.headers.get("x-request-id") or request_id)
+            body: Any = response.json()
+        except ValueError:
+            body = response.text
+        raise error_for(
+            response.status_code, body, response.headers.get("x-request-id") or request_id
+        )
 
-
-def _stream_body(call: Call[Any]) -> dict[str, Any]:
-    return {**call.json, "stream": True}
-
-
-def _event_text(line: str, request_id: str) -> str | None:
-    """The text of one server-sent `data:` line; None for the closing event; raises for an error
-    event (the LLM failed after the stream had started)."""
-    if not line.startswith("data: "):
-        return ""
-    event = json.loads(line[6:])
-    if "error" in event:
-        raise ServerError(str(event["error"]), status=200, body=event, request_id=request_id)
-    if event.get("done"):
-        return None
-    return str(event.get("text", ""))
-
-
-def _transport_error(exc: httpx.TransportError, request_id: str) -> TransportError:
-    kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
-    return TransportError(f"request {kind}: {exc!r}", request_id=request_id)
+    def event_text(self, line: str) -> str | None:
+        """The text of one server-sent `data:` line of a stream; None for the closing event;
+        raises for an error event (the LLM failed after the stream had started)."""
+        if not line.startswith("data: "):
+            return ""
+        event = json.loads(line[6:])
+        if "error" in event:
+            raise ServerError(
+                str(event["error"]), status=200, body=event, request_id=self.request_id
+            )
+        if event.get("done"):
+            return None
+        return str(event.get("text", ""))
 
 
 def _settings(
@@ -218,29 +253,17 @@ class AsyncTiffinClient:
 
     async def send(self, call: Call[T]) -> T:
         """Run one call with retries; the typed answer or a `TiffinClientError`."""
-        request_id = uuid.uuid4().hex
-        attempt = 0
+        attempts = Attempts(self.settings, call, self._rng)
         while True:
-            response: httpx.Response | None = None
-            error: httpx.TransportError | None = None
             try:
-                response = await self._http.request(
-                    call.method,
-                    call.path,
-                    json=call.json,
-                    params=call.params,
-                    headers={REQUEST_ID_HEADER: request_id},
-                )
+                response = await self._http.send(attempts.request(self._http))
             except httpx.TransportError as exc:
-                error = exc
-            delay = retry_delay(self.settings, attempt, call, response, error, self._rng)
-            if delay is None:
-                if error is not None:
-                    raise _transport_error(error, request_id) from error
-                assert response is not None
-                return _answer(call, response, request_id)
+                if (delay := attempts.retry_in(error=exc)) is None:
+                    raise attempts.failure(exc) from exc
+            else:
+                if (delay := attempts.retry_in(response)) is None:
+                    return cast(T, attempts.result(response))
             await asyncio.sleep(delay)
-            attempt += 1
 
     async def generate_stream(
         self,
@@ -255,37 +278,29 @@ class AsyncTiffinClient:
         """`POST /generate` with `"stream": true`: the text as it is generated. A refusal before
         the stream starts (503, 422) raises like any call; 503 and unsent requests are retried."""
         call = calls.generate(prompt, system, max_tokens, temperature, top_p, stop, seed)
-        request_id = uuid.uuid4().hex
-        attempt = 0
+        attempts = Attempts(self.settings, call, self._rng, stream=True)
         while True:
-            request = self._http.build_request(
-                "POST", call.path, json=_stream_body(call), headers={REQUEST_ID_HEADER: request_id}
-            )
             try:
-                response = await self._http.send(request, stream=True)
+                response = await self._http.send(attempts.request(self._http), stream=True)
             except httpx.TransportError as exc:
-                delay = retry_delay(self.settings, attempt, call, None, exc, self._rng)
-                if delay is None:
-                    raise _transport_error(exc, request_id) from exc
+                if (delay := attempts.retry_in(error=exc)) is None:
+                    raise attempts.failure(exc) from exc
             else:
                 try:
                     if response.status_code == 200:
                         async for line in response.aiter_lines():
-                            text = _event_text(line, request_id)
-                            if text is None:
+                            if (text := attempts.event_text(line)) is None:
                                 return
                             if text:
                                 yield text
                         return
                     await response.aread()
-                    delay = retry_delay(self.settings, attempt, call, response, None, self._rng)
-                    if delay is None:
-                        _answer(call, response, request_id)  # raises the typed error
+                    if (delay := attempts.retry_in(response)) is None:
+                        attempts.result(response)  # raises the typed error
                         return
                 finally:
                     await response.aclose()
             await asyncio.sleep(delay)
-            attempt += 1
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -394,29 +409,17 @@ class TiffinClient:
             result: T = self._portal.call(self._async.send, call)
             return result
         assert self._http is not None
-        request_id = uuid.uuid4().hex
-        attempt = 0
+        attempts = Attempts(self.settings, call, self._rng)
         while True:
-            response: httpx.Response | None = None
-            error: httpx.TransportError | None = None
             try:
-                response = self._http.request(
-                    call.method,
-                    call.path,
-                    json=call.json,
-                    params=call.params,
-                    headers={REQUEST_ID_HEADER: request_id},
-                )
+                response = self._http.send(attempts.request(self._http))
             except httpx.TransportError as exc:
-                error = exc
-            delay = retry_delay(self.settings, attempt, call, response, error, self._rng)
-            if delay is None:
-                if error is not None:
-                    raise _transport_error(error, request_id) from error
-                assert response is not None
-                return _answer(call, response, request_id)
+                if (delay := attempts.retry_in(error=exc)) is None:
+                    raise attempts.failure(exc) from exc
+            else:
+                if (delay := attempts.retry_in(response)) is None:
+                    return cast(T, attempts.result(response))
             time.sleep(delay)
-            attempt += 1
 
     def generate_stream(
         self,
@@ -440,37 +443,29 @@ class TiffinClient:
                     return
         assert self._http is not None
         call = calls.generate(*args)
-        request_id = uuid.uuid4().hex
-        attempt = 0
+        attempts = Attempts(self.settings, call, self._rng, stream=True)
         while True:
-            request = self._http.build_request(
-                "POST", call.path, json=_stream_body(call), headers={REQUEST_ID_HEADER: request_id}
-            )
             try:
-                response = self._http.send(request, stream=True)
+                response = self._http.send(attempts.request(self._http), stream=True)
             except httpx.TransportError as exc:
-                delay = retry_delay(self.settings, attempt, call, None, exc, self._rng)
-                if delay is None:
-                    raise _transport_error(exc, request_id) from exc
+                if (delay := attempts.retry_in(error=exc)) is None:
+                    raise attempts.failure(exc) from exc
             else:
                 try:
                     if response.status_code == 200:
                         for line in response.iter_lines():
-                            text = _event_text(line, request_id)
-                            if text is None:
+                            if (text := attempts.event_text(line)) is None:
                                 return
                             if text:
                                 yield text
                         return
                     response.read()
-                    delay = retry_delay(self.settings, attempt, call, response, None, self._rng)
-                    if delay is None:
-                        _answer(call, response, request_id)  # raises the typed error
+                    if (delay := attempts.retry_in(response)) is None:
+                        attempts.result(response)  # raises the typed error
                         return
                 finally:
                     response.close()
             time.sleep(delay)
-            attempt += 1
 
     def close(self) -> None:
         if self._http is not None:

@@ -58,7 +58,7 @@ class Router:
 
     async def choose(self, family: str, entity: str | None, pinned: str | None = None) -> Choice:
         """The version for this request: pinned, else routed (sticky per entity), else default."""
-        serving = self.families.get(family)
+        serving = await self.families.aget(family)
         route = self.lifecycle.route(family) if self.lifecycle is not None else None
         version = pinned
         if version is None and route is not None:
@@ -128,7 +128,7 @@ def _finite(scores: np.ndarray, ref: ModelRef, rows: np.ndarray) -> np.ndarray:
     """Non-finite scores on ordinary input are the model's failure (recorded against the
     version); on input with values beyond `EXTREME` they are the client's, a 422 naming the
     features, so nobody can push a canary over its error threshold with huge numbers."""
-    if np.all(np.isfinite(scores)):
+    if np.isfinite(scores).all():
         return scores
     extreme = (np.abs(rows) > EXTREME).any(axis=0)  # inf included; NaN means missing, not huge
     if extreme.any():
