@@ -18,8 +18,6 @@ the survivors. Nothing is mocked.
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import threading
 import time
@@ -32,7 +30,7 @@ import psutil
 import pytest
 import redis
 
-from tests.conftest import RedisServer, Served, seeded, serve, stop, wait_for
+from tests.conftest import RedisServer, Served, kill_all, seeded, serve, stop, wait_for
 from tests.test_lifecycle_e2e import card_fraud_artifact
 from tests.test_replicas import eventually
 from tiffin.auth import mint
@@ -128,27 +126,6 @@ def descendants(pid: int) -> set[int]:
     return {p.pid for p in psutil.Process(pid).children(recursive=True)}
 
 
-def kill_replica(replica: Served) -> None:
-    """SIGKILL every process of a replica at once, as a dying container or node does. BentoML
-    starts each worker in a session of its own: a SIGKILL to the serve process's group alone
-    leaves the workers orphaned and still serving on the inherited socket."""
-    processes = [replica.proc.pid, *descendants(replica.proc.pid)]
-    for pid in processes:
-        os.kill(pid, signal.SIGKILL)
-    replica.proc.wait(10)
-
-    def gone() -> bool:
-        for pid in processes[1:]:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    return False
-            except psutil.NoSuchProcess:
-                pass
-        return True
-
-    wait_for(gone, 10, "every process of the killed replica gone")
-
-
 def leader_pid(store: redis.Redis) -> int | None:
     """The process id of the worker holding the lifecycle leader lease (its worker id is
     "<pid>-<random>", tiffin/lifecycle/manager.py)."""
@@ -230,7 +207,7 @@ def test_replica_killed_mid_canary_the_survivors_finish_the_analysis(
             n for n in store.hkeys(f"{TRAFFIC}:stats:live") if f"-{victim.proc.pid}-" in n
         )
         killed_at = time.monotonic()
-        kill_replica(victim)
+        kill_all(victim.proc)
         clients.stop(0)
         with socket.socket() as s:  # nothing answers on its port any more
             assert s.connect_ex(("127.0.0.1", int(victim.url.rsplit(":", 1)[1]))) != 0
