@@ -28,11 +28,12 @@ from runners.ctr import CtrRunner
 from runners.generic import GenericRunner
 from runners.llm import LLMRunner
 from runners.personalization import PersonalizationRunner
+from tiffin import header_timeout
 from tiffin.app import TiffinGateway
 from tiffin.auth import auth_settings, check_startup
 from tiffin.composition import Worker, compose
 from tiffin.lifecycle.traffic import TrafficSettings
-from tiffin.limits import LimitsMiddleware
+from tiffin.limits import LimitsMiddleware, LimitsSettings
 from tiffin.llm.settings import llm_settings
 from tiffin.log_filters import install_client_error_log_filter, install_repeated_traceback_filter
 from tiffin.logs import RequestIdMiddleware
@@ -105,6 +106,10 @@ class Tiffin:
         return await not_ready(self.worker) is None
 
 
+# BentoML's worker imports this module before it builds uvicorn's server: the protocol that
+# bounds how long a request's headers may take is in place by then (no middleware sees headers
+# before they are complete)
+header_timeout.install(LimitsSettings())
 install_client_error_log_filter()  # a client's mistake is one INFO line, not an ERROR trace
 install_repeated_traceback_filter()
 # BentoML nests middlewares in the order added, the first outermost: every response, BentoML's

@@ -167,7 +167,34 @@ def stop(served: Served) -> None:
     try:
         served.proc.wait(20)
     except subprocess.TimeoutExpired:
-        os.killpg(served.proc.pid, signal.SIGKILL)
+        kill_all(served.proc)
+
+
+def kill_all(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a `bentoml serve` and every process it started, at once, as a dying container
+    does, and wait until they are gone. circus starts each worker in a session of its own
+    (docs/upstream.md §9): a SIGKILL to the serve process's group alone leaves the workers
+    running, orphaned, on the inherited socket."""
+    import psutil
+
+    if proc.poll() is not None:
+        return
+    pids = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(10)
+
+    def gone() -> bool:
+        for pid in pids[1:]:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    return False
+            except psutil.NoSuchProcess:
+                pass
+        return True
+
+    wait_for(gone, 10, "every process of the killed server gone")
 
 
 def seeded(server: RedisServer, entities: int = 6000) -> RedisServer:
@@ -278,14 +305,17 @@ def model_store_restored(model_store: str) -> Iterator[None]:
 class UvicornServer:
     """An ASGI app served by uvicorn on a free loopback port, in a thread of the test process."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, **options: Any) -> None:
+        """`options`: more `uvicorn.Config` arguments (`http=` a protocol class, say)."""
         import threading
 
         import uvicorn
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", **options
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -63,6 +63,12 @@ class LimitsSettings(BaseSettings):
     upload_paths: CSV = ["/models/register"]
     """Routes that accept `max_upload_bytes` instead of `max_body_bytes`."""
 
+    header_timeout_s: float = Field(10.0, ge=0)
+    """Longest time from a connection's opening (or a request's first byte) to the end of the
+    request's headers; a client slower than that is answered 408 (or, if it sent nothing, just
+    disconnected). Enforced inside uvicorn's HTTP protocol (`tiffin.header_timeout`), since no
+    middleware sees a request before its headers. 0 turns it off."""
+
     body_idle_timeout_s: float = Field(5.0, gt=0)
     """Longest pause between two chunks of a request body; a client that stalls longer gets a
     408 and its connection is closed."""

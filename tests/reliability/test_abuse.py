@@ -12,6 +12,7 @@ import base64
 import concurrent.futures as cf
 import json
 import pickle
+import select
 import socket
 import tempfile
 import threading
@@ -53,6 +54,7 @@ ENV = {
     "TIFFIN_LIMITS_MAX_IN_FLIGHT": "8",
     "TIFFIN_LIMITS_BODY_IDLE_TIMEOUT_S": "2",
     "TIFFIN_LIMITS_BODY_TOTAL_TIMEOUT_S": "6",
+    "TIFFIN_LIMITS_HEADER_TIMEOUT_S": "2",
     "TIFFIN_LIMITS_CORS_ORIGINS": "https://shop.example",
 }
 TOKENS_MINTED: list[str] = []
@@ -193,6 +195,46 @@ def test_idle_keep_alive_connections_are_closed(app: Served) -> None:
         while s.recv(65536):
             pass
         assert time.monotonic() - started < 7
+
+
+def trickle_head(port: int, silent: bool) -> tuple[bytes, float]:
+    """Opens a connection and sends a request head one byte per 0.2 s (or nothing at all) for
+    up to 8 s; returns what the server wrote and when it closed the connection."""
+    head = b"POST /score/fraud HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 200
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+        started = time.monotonic()
+        for byte in b"" if silent else head:
+            # stop sending once the server has answered or closed: writing to a closed
+            # connection draws a reset, which can discard the answer before it is read
+            if select.select([s], [], [], 0)[0] or time.monotonic() - started > 8:
+                break
+            s.sendall(bytes([byte]))
+            time.sleep(0.2)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+        return answer, time.monotonic() - started
+
+
+def test_slow_and_silent_request_heads_are_cut_off(app: Served) -> None:
+    """Pass (header deadline 2 s here): 20 connections trickling a request head and 20 sending
+    nothing are all closed within 2 s + 1.5 s, the trickling ones answered 408 `headers: …`, the
+    silent ones with no bytes; meanwhile a keep-alive client whose requests are 3 s apart (idle
+    time between requests is the keep-alive timeout's, 5 s) gets 200 every time."""
+    port = port_of(app.url)
+    with cf.ThreadPoolExecutor(40) as pool:
+        held = [pool.submit(trickle_head, port, silent) for silent in [False, True] * 20]
+        with httpx.Client(base_url=app.url, headers=client_id(), timeout=10) as client:
+            for _ in range(2):
+                assert client.post("/score/fraud", json=CARD).status_code == 200
+                time.sleep(3)
+        results = [(f.result(), silent) for f, silent in zip(held, [False, True] * 20, strict=True)]
+    for (answer, took), silent in results:
+        assert took < 3.5, (took, answer)
+        if silent:
+            assert answer == b""
+        else:
+            assert status_of(answer) == 408 and b"headers: not received within 2 s" in answer
 
 
 # --- malformed and hostile bodies -------------------------------------------------------------

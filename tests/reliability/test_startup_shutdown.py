@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests import seed_bodies as seed
-from tests.conftest import BENTOML_HOME, REPO, RedisServer, free_port
+from tests.conftest import BENTOML_HOME, REPO, RedisServer, free_port, kill_all
 from tests.reliability.conftest import TcpProxy
 
 pytestmark = [pytest.mark.reliability, pytest.mark.e2e]
@@ -65,9 +65,7 @@ class Launched:
             return None
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        kill_all(self.proc)  # the workers too: they are not in the serve process's group
 
 
 SCORING = seed.SCORING_ROUTES
