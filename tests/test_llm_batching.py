@@ -272,3 +272,65 @@ def test_structured_and_text_in_one_batch_stream_per_sequence(llm: LLM) -> None:
         if i % 2 == 0:
             target.validate(text)
         assert finished.completion_tokens >= 1
+
+
+def test_prefix_cache_reuses_a_shared_system_prompt_and_changes_no_output() -> None:
+    """Fraud-explanation prompts (one system prompt, different facts), greedy: with the prefix
+    cache on, later requests take the system prompt's KV cache from an earlier one (hits and
+    cached prompt tokens in the engine's status and metric) and every text equals the one the
+    engine without the cache writes; a structured request on a cached prefix still validates."""
+    from tiffin.llm.explain import TARGET, fraud_prompt
+    from tiffin.llm.metrics import llm_metrics
+
+    prompts = [
+        fraud_prompt({"card_id": f"card_{i}", "transaction_amount": 10.5 * i, "fraud_score": 0.9})
+        for i in range(1, 7)
+    ]
+
+    def run(llm: LLM) -> list[str]:
+        async def go() -> list[str]:
+            first = [(await llm.generate(p, llm.params(24, temperature=0.0)))[0] for p in prompts]
+            rest = await asyncio.gather(
+                *(llm.generate(p, llm.params(24, temperature=0.0)) for p in prompts)
+            )
+            return first + [text for text, _ in rest]
+
+        return asyncio.run(go())
+
+    def counted() -> float:
+        return llm_metrics().prefix_cached_tokens.labels(tiny_llm.NAME)._value.get()
+
+    before = counted()
+    cached = build(prefix_cache_size=16)
+    assert run(cached) == run(build(prefix_cache_size=0))
+    stats = engine_status(cached)["prefix_cache"]
+    system_tokens = cached.engine.prompt_tokens(  # type: ignore[union-attr]
+        Prompt(messages=(prompts[0].messages or ())[:1])
+    )
+    assert stats["enabled"] and stats["hits"] >= len(prompts) * 2 - 1, stats
+    assert stats["cached_prompt_tokens"] >= stats["hits"] * (system_tokens or 1) - 8, stats
+    assert counted() - before == stats["cached_prompt_tokens"]
+
+    async def structured() -> Any:
+        params = cached.params(200, temperature=1.0, seed=3, structured=True)
+        return (await cached.structured(prompts[0], params, TARGET)).value
+
+    TARGET.validate_value(asyncio.run(structured()))
+    assert engine_status(cached)["prefix_cache"]["hits"] > stats["hits"]
+
+
+def test_column_major_weights_keep_the_model_s_outputs() -> None:
+    """`cpu_column_major_weights` changes how the weights are stored, not what they are: the
+    logits of the tiny model agree with the stored layout's."""
+    import bentoml
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from tiffin.llm.mlx_engine import column_major_weights
+
+    path = str(bentoml.models.get(tiny_llm.ensure()).path)
+    stored, _ = load(path)[:2]
+    changed, _ = load(path)[:2]
+    assert column_major_weights(changed) > 0
+    tokens = mx.array([[1, 5, 9, 200, 17, 33, 4, 8]])
+    assert mx.allclose(stored(tokens), changed(tokens), atol=1e-4).item()
