@@ -38,8 +38,15 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 LEVELS = (1, 8, 32, 64)
+BENCH_LEVELS = (1, 8, 32)  # the bench-size model: 64 streams there would double the run's time
 TARGET_LEVELS = (8, 32)  # where the issue sets the tokens/s target against mlx_lm.server
 PROMPT = "Summarise the risk of card {i} paying a new merchant abroad late at night."
+# The shared-prefix workload: the fraud-explanation prompt (tiffin.llm.explain: one system prompt,
+# then the facts of one transaction), as /score/fraud sends it.
+FACTS = (
+    "Transaction and model output:\n- card_id: card_{i:04d}\n- transaction_amount: {a}\n"
+    "- fraud_score: 0.{s:02d}"
+)
 
 
 @dataclass
@@ -130,6 +137,7 @@ def start_tiffin(model_tag: str, port: int, log: Path) -> Server:
         "TIFFIN_ENVIRONMENT": "development",
         "JWT_SECRET_KEY": os.environ.get("JWT_SECRET_KEY", "bench-llm-" + "x" * 32),
         "TIFFIN_LLM_MAX_PROMPT_CHARS": "8000",
+        "PYTHONPATH": str(REPO),  # this tree's tiffin, whatever the venv's editable install says
     }
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -214,6 +222,7 @@ async def run_level(
     max_tokens: int,
     mode: str = "text",
     schema: dict[str, Any] | None = None,
+    shared_prefix: bool = False,
 ) -> Level:
     level = Level(server.name, model, concurrency, mode)
     counter = iter(range(requests))
@@ -221,7 +230,7 @@ async def run_level(
     async def client_loop(client: httpx.AsyncClient) -> None:
         for i in counter:
             body: dict[str, Any] = {
-                "messages": [{"role": "user", "content": PROMPT.format(i=i)}],
+                "messages": fraud_messages(i) if shared_prefix else [user(PROMPT.format(i=i))],
                 "max_tokens": max_tokens,
                 "temperature": 0.7,
                 "stream": True,
@@ -241,6 +250,64 @@ async def run_level(
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
         level.wall_s = time.monotonic() - started
     return level
+
+
+def user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def fraud_messages(i: int) -> list[dict[str, str]]:
+    from tiffin.llm.explain import SYSTEM
+
+    facts = FACTS.format(i=i, a=round(20 + 7.3 * i, 2), s=(37 * i) % 100)
+    return [{"role": "system", "content": SYSTEM}, user(facts)]
+
+
+def prefix_cache_ab(tag: str, name: str, rounds: int = 2) -> tuple[list[Level], dict[str, Any]]:
+    """The shared-prefix workload (8 streams, 16 requests, 32 tokens each) in process, Tiffin's
+    engine with its prefix cache off and on, alternating (ABBA): TTFT and tokens/s."""
+    from tiffin.llm.engine import Delta, Finished, Prompt
+    from tiffin.llm.runtime import LLM
+    from tiffin.llm.settings import LLMSettings
+
+    pooled: dict[int, Level] = {}
+    engines = {
+        size: LLM.from_settings(LLMSettings(model_name=tag, prefix_cache_size=size))
+        for size in (0, 64)
+    }
+    for r in range(rounds):
+        for size in (0, 64) if r % 2 == 0 else (64, 0):
+            llm = engines[size]
+            mode = "prefix cache " + ("on" if size else "off")
+            level = pooled.setdefault(size, Level("tiffin (in process)", name, 8, mode))
+            counter = iter(range(16 * r, 16 * (r + 1)))
+
+            async def client(llm: LLM = llm, level: Level = level, it: Any = counter) -> None:
+                for i in it:
+                    prompt = Prompt(messages=tuple(fraud_messages(i)))
+                    sent = time.monotonic()
+                    last: float | None = None
+                    async for event in llm.stream(prompt, llm.params(32, 0.7)):
+                        now = time.monotonic()
+                        if isinstance(event, Delta) and event.text:
+                            if last is None:
+                                level.ttft_s.append(now - sent)
+                            else:
+                                level.gaps_s.append(now - last)
+                            last = now
+                        elif isinstance(event, Finished):
+                            level.tokens += event.completion_tokens
+                    level.requests += 1
+
+            async def run(llm: LLM = llm, level: Level = level) -> None:
+                started = time.monotonic()
+                await asyncio.gather(*(client() for _ in range(8)))
+                level.wall_s += time.monotonic() - started
+
+            asyncio.run(run())
+    on = engines[64].engine
+    assert on is not None
+    return [pooled[0], pooled[64]], on.status()["prefix_cache"]
 
 
 async def schema_set(server: Server, model: str) -> tuple[int, int, list[str]]:
@@ -330,15 +397,15 @@ def requests_for(concurrency: int, bench_model: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--levels", default=",".join(map(str, LEVELS)))
+    parser.add_argument("--levels", default=",".join(map(str, LEVELS)), help="tiny model")
+    parser.add_argument("--bench-levels", default=",".join(map(str, BENCH_LEVELS)))
     parser.add_argument("--models", default="bench,tiny", help="bench, tiny or both")
     parser.add_argument("--bench-max-tokens", type=int, default=64)
     parser.add_argument("--tiny-max-tokens", type=int, default=128)
     parser.add_argument(
-        "--rounds", type=int, default=3, help="alternating rounds at the target levels (8, 32)"
+        "--rounds", type=int, default=2, help="alternating rounds at the target levels (8, 32)"
     )
     args = parser.parse_args(argv)
-    levels = [int(x) for x in args.levels.split(",")]
 
     import bentoml
 
@@ -356,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = str(bentoml.models.get(tag).path)
         name = tag.split(":")[0]
         max_tokens = args.bench_max_tokens if bench_model else args.tiny_max_tokens
+        levels = [int(x) for x in (args.bench_levels if bench_model else args.levels).split(",")]
         print(f"== {tag} ({model_dir}), max_tokens {max_tokens}", flush=True)
         tiffin = start_tiffin(tag, free_port(), RESULTS / "logs" / f"llm-tiffin-{which}.log")
         try:
@@ -400,6 +468,13 @@ def main(argv: list[str] | None = None) -> int:
                 for level in pooled.values():
                     rows.append(level)
                     print(level.row(), flush=True)
+                # The shared-prefix workload over HTTP, both systems (each with its prefix cache).
+                for server in (tiffin, mlx):
+                    part = asyncio.run(
+                        run_level(server, name, 8, 16, 32, "fraud prompt", shared_prefix=True)
+                    )
+                    rows.append(part)
+                    print(part.row(), flush=True)
                 text_tps = pooled["text"].tokens_per_s
                 json_tps = pooled["json_schema"].tokens_per_s
                 notes.append(
@@ -419,6 +494,19 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             mlx.stop()
             tiffin.stop()
+        if bench_model:  # servers down: the box is Tiffin's engine's alone for the A/B
+            levels_ab, stats = prefix_cache_ab(tag, name)
+            for level in levels_ab:
+                rows.append(level)
+                print(level.row(), flush=True)
+            off, on = levels_ab
+            notes.append(
+                f"Prefix cache, {name}, fraud prompt, 8 streams in process: TTFT p50 "
+                f"{1000 * statistics.median(on.ttft_s):.0f} ms on vs "
+                f"{1000 * statistics.median(off.ttft_s):.0f} ms off, tokens/s "
+                f"{on.tokens_per_s:.0f} vs {off.tokens_per_s:.0f} ({stats})"
+            )
+            print(notes[-1], flush=True)
     notes = ratios(rows, per_round) + notes
     table = "\n".join([HEADER, *(r.row() for r in rows)])
     errors = sorted({e for r in rows for e in r.errors[:3]})
