@@ -130,9 +130,10 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: floa
     raise SystemExit(f"{url} not ready after {timeout}s; see {log}")
 
 
-def start_tiffin(model_tag: str, port: int, log: Path) -> Server:
+def start_tiffin(model_tag: str, port: int, log: Path, workers: int) -> Server:
     env = {
         **os.environ,
+        "TIFFIN_WORKERS": str(workers),
         "TIFFIN_LLM_MODEL_NAME": model_tag,
         "TIFFIN_ENVIRONMENT": "development",
         "JWT_SECRET_KEY": os.environ.get("JWT_SECRET_KEY", "bench-llm-" + "x" * 32),
@@ -399,6 +400,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)), help="tiny model")
     parser.add_argument("--bench-levels", default=",".join(map(str, BENCH_LEVELS)))
+    parser.add_argument(
+        "--tiffin-workers",
+        type=int,
+        default=1,
+        help="Tiffin's worker processes (TIFFIN_WORKERS): one, like mlx_lm.server's one process, "
+        "so that one engine batches every stream; a decode step is compute-bound, and two engines "
+        "each with half the batch compete for the same cores",
+    )
     parser.add_argument("--models", default="bench,tiny", help="bench, tiny or both")
     parser.add_argument("--bench-max-tokens", type=int, default=64)
     parser.add_argument("--tiny-max-tokens", type=int, default=128)
@@ -425,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
         max_tokens = args.bench_max_tokens if bench_model else args.tiny_max_tokens
         levels = [int(x) for x in (args.bench_levels if bench_model else args.levels).split(",")]
         print(f"== {tag} ({model_dir}), max_tokens {max_tokens}", flush=True)
-        tiffin = start_tiffin(tag, free_port(), RESULTS / "logs" / f"llm-tiffin-{which}.log")
+        tiffin = start_tiffin(
+            tag, free_port(), RESULTS / "logs" / f"llm-tiffin-{which}.log", args.tiffin_workers
+        )
         try:
             mlx = start_mlx_lm_server(
                 model_dir, free_port(), RESULTS / "logs" / f"llm-mlx-lm-server-{which}.log"
