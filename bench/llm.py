@@ -1,19 +1,23 @@
 """Side-by-side LLM benchmark: `make bench-llm` (`python -m bench.llm`).
 
-Tiffin (`bentoml serve service:Tiffin`, its default 2 workers, continuous batching in each) and
-`mlx_lm.server` (mlx-lm's own OpenAI-compatible server: one process, its own continuous batching,
-default settings) are started on the same model directory on this machine, both up for the whole
-run, and driven alternately level by level with the same load: C concurrent clients (closed
-loop) each sending streamed OpenAI chat completions (`stream_options.include_usage`) until N
-requests are done.
+Tiffin (`bentoml serve service:Tiffin` with one worker by default, `--tiffin-workers`: one engine
+batches every stream, as mlx_lm.server's one process does) and `mlx_lm.server` (mlx-lm's own
+OpenAI-compatible server: one process, its own continuous batching and prompt cache, default
+settings) are started on the same model directory on this machine, both up for the whole run,
+and driven alternately level by level with the same load: C concurrent clients (closed loop)
+each sending streamed OpenAI chat completions (`stream_options.include_usage`) until N requests
+are done.
 
 Per system and level: aggregate completion tokens/s (all tokens / wall time of the level), time to
 first token p50/p99 (request sent → first content chunk), inter-token latency p99 (gaps between
 consecutive content chunks of a stream), failures (non-200, errors, or a stream without its
-usage). Then, in Tiffin only: constrained (`response_format` json_schema) vs unconstrained decoding
-at 8 streams, and the 12-schema test set sent concurrently with every answer validated.
+usage). Then, on the bench-size model: constrained (`response_format` json_schema) vs
+unconstrained decoding in Tiffin at 8 streams; the fraud-explanation prompt (one system prompt,
+different facts) on both servers; and, servers stopped, Tiffin's engine in process with its
+prefix cache off and on (TTFT). On the tiny model: the 12-schema test set sent concurrently with
+every answer validated.
 
-Models: the bench-size model (`python -m models.tiny_llm --bench`, 13M parameters, random
+Models: the bench-size model (`python -m models.tiny_llm --bench`, 23M parameters, random
 weights: compute dominates a decode step) and the default tiny model (where the zero-failure
 target at 64 streams is set). Results: a Markdown table on stdout and in bench/results/llm-*.md.
 """
