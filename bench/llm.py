@@ -376,13 +376,13 @@ def ratios(rows: list[Level], per_round: dict[tuple[str, int, str], list[float]]
         other = by_key.get((r.model, r.concurrency, "mlx_lm.server", r.mode))
         if r.system == "tiffin" and other is not None and other.tokens_per_s:
             line = (
-                f"{r.model} at {r.concurrency} streams: Tiffin {r.tokens_per_s:.0f} vs "
+                f"{r.model} at {r.concurrency} streams ({r.mode}): Tiffin {r.tokens_per_s:.0f} vs "
                 f"mlx_lm.server {other.tokens_per_s:.0f} tokens/s = "
                 f"{r.tokens_per_s / other.tokens_per_s:.2f}x"
             )
             mine = per_round.get((r.model, r.concurrency, "tiffin"), [])
             theirs = per_round.get((r.model, r.concurrency, "mlx_lm.server"), [])
-            if len(mine) > 1 and len(mine) == len(theirs):
+            if r.mode == "text" and len(mine) > 1 and len(mine) == len(theirs):
                 each = [a / b for a, b in zip(mine, theirs, strict=True) if b]
                 line += (
                     f" (per round: {', '.join(f'{x:.2f}x' for x in each)}; median "

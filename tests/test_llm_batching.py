@@ -334,3 +334,25 @@ def test_column_major_weights_keep_the_model_s_outputs() -> None:
     assert column_major_weights(changed) > 0
     tokens = mx.array([[1, 5, 9, 200, 17, 33, 4, 8]])
     assert mx.allclose(stored(tokens), changed(tokens), atol=1e-4).item()
+
+
+def test_a_burst_sharing_a_system_prompt_processes_it_once() -> None:
+    """Eight fraud-explanation prompts at once on a fresh engine: their shared prefix is
+    processed once and every one of them copies it (nothing was stored before the burst), and
+    the texts equal those of the engine without a prefix cache."""
+    from tiffin.llm.explain import fraud_prompt
+
+    prompts = [fraud_prompt({"card_id": f"card_{i}", "fraud_score": 0.5}) for i in range(8)]
+
+    def burst(llm: LLM) -> list[str]:
+        async def go() -> list[tuple[str, Finished]]:
+            params = llm.params(16, temperature=0.0)
+            return await asyncio.gather(*(llm.generate(p, params) for p in prompts))
+
+        return [text for text, _ in asyncio.run(go())]
+
+    cached = build(prefix_cache_size=16, max_concurrency=8)
+    assert burst(cached) == burst(build(prefix_cache_size=0))
+    stats = engine_status(cached)["prefix_cache"]
+    assert stats["primed_prefixes"] >= 1, stats
+    assert stats["hits"] >= len(prompts) - 1, stats

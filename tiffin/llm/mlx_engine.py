@@ -165,6 +165,7 @@ class _Seq:
         self.last_at = arrived
         self.failure: BaseException | None = None  # set by its logits processor, never raised
         self.cached_tokens = 0  # prompt tokens taken from the prefix cache
+        self.completed = False  # ended normally (its caller may already be gone: it got it all)
 
     def emit(self, item: Event | BaseException) -> None:
         pending: list[tuple[_Seq, Event | BaseException]] | None = getattr(_outbox, "items", None)
@@ -219,6 +220,7 @@ class _Lane:
         self.prefixes: Any = None
         self.prefix_hits = 0
         self.prefix_tokens = 0
+        self.primed = 0  # shared prefixes of a burst processed once and stored
 
 
 class MLXEngine(Engine):
@@ -519,6 +521,7 @@ class MLXEngine(Engine):
             try:
                 if gen is None:
                     gen = self._generator(stream)
+                self._prime(lane, newcomers)
                 for seq in newcomers:
                     self._join(lane, gen, active, seq)
                 self._leave(lane, gen, active, [u for u, s in active.items() if self._gone(s)])
@@ -690,6 +693,41 @@ class MLXEngine(Engine):
         llm_metrics().prefix_cached_tokens.labels(self.model_id).inc(cached)
         return cache, cached
 
+    def _prime(self, lane: _Lane, newcomers: list[_Seq]) -> None:
+        """Newcomers arriving together whose prompts share a prefix nothing stored covers yet
+        (a burst of requests with one system prompt): process that prefix once, for one of them,
+        and store its cache, so that each of them copies it instead of processing it again.
+        Without this only the second burst would benefit (caches are stored as sequences end).
+        """
+        if lane.prefixes is None or len(newcomers) < 2:
+            return
+        import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        floor = self.settings.prefix_cache_min_tokens
+        groups: dict[tuple[int, ...], list[list[int]]] = {}
+        for seq in newcomers:
+            if len(seq.prompt_ids) > floor:
+                groups.setdefault(tuple(seq.prompt_ids[:floor]), []).append(seq.prompt_ids)
+        for prompts in groups.values():
+            if len(prompts) < 2:
+                continue
+            shared = min(len(p) for p in prompts) - 1  # each keeps at least one token to prefill
+            first = prompts[0]
+            for other in prompts[1:]:
+                shared = next((i for i in range(shared) if other[i] != first[i]), shared)
+            prefix = first[:shared]
+            _, rest = lane.prefixes.fetch_nearest_cache(self.model_id, prefix)
+            if shared - (len(prefix) - len(rest)) < floor:
+                continue  # what is stored already covers (nearly) all of it
+            cache = make_prompt_cache(self.model)
+            for start in range(0, shared, self.settings.prefill_step_size):
+                chunk = prefix[start : start + self.settings.prefill_step_size]
+                self.model(mx.array([chunk]), cache=cache)
+                mx.eval([c.state for c in cache])
+            lane.prefixes.insert_cache(self.model_id, prefix, cache, cache_type="system")
+            lane.primed += 1
+
     def _remember(self, lane: _Lane, seq: _Seq, cache: Any, tokens: list[int] | None) -> None:
         """Store the KV cache of a finished sequence's prompt (what it generated trimmed off),
         keyed by the prompt's tokens, for later prompts that start the same way."""
@@ -712,7 +750,7 @@ class MLXEngine(Engine):
         # more; removing an unknown uid is a no-op there. The others' prompt caches are kept.
         caches = gen.remove(uids, return_prompt_caches=lane.prefixes is not None)
         for uid, (cache, tokens) in caches.items():
-            if uid in active and not active[uid].cancelled.is_set():
+            if uid in active and active[uid].completed:
                 self._remember(lane, active[uid], cache, tokens)
         for uid in uids:
             seq = active.pop(uid, None)
@@ -749,6 +787,7 @@ class MLXEngine(Engine):
         return None
 
     def _complete(self, seq: _Seq, finish: str, cut: bool) -> None:
+        seq.completed = True
         if not cut and seq.text is not None:  # what the decoder and the stop matcher still hold
             piece, stopped = seq.stops.feed(seq.text.flush())
             tail = piece if stopped else piece + seq.stops.flush()
@@ -877,6 +916,7 @@ class MLXEngine(Engine):
                 "enabled": self.settings.prefix_cache_size > 0,
                 "hits": sum(lane.prefix_hits for lane in self._lanes),
                 "cached_prompt_tokens": sum(lane.prefix_tokens for lane in self._lanes),
+                "primed_prefixes": sum(lane.primed for lane in self._lanes),
             },
         }
         if self.loaded:
