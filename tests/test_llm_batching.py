@@ -356,3 +356,31 @@ def test_a_burst_sharing_a_system_prompt_processes_it_once() -> None:
     stats = engine_status(cached)["prefix_cache"]
     assert stats["primed_prefixes"] >= 1, stats
     assert stats["hits"] >= len(prompts) - 1, stats
+
+
+def test_over_http_a_finished_request_s_prompt_serves_the_next(server: Server) -> None:
+    """Two chat completions one after the other with one system prompt, over HTTP: the second
+    copies the first's prompt cache (the client has its whole answer, and has closed the stream,
+    by the time the engine stores it)."""
+    from tiffin.llm.explain import SYSTEM
+
+    def hits() -> int:
+        status = httpx.get(f"{server.url}/llm/status", timeout=10).json()
+        return int(status["prefix_cache"]["hits"])
+
+    before = hits()
+    for i in range(2):
+        body = {
+            "model": tiny_llm.NAME,
+            "messages": [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": f"Card {i} paid twice abroad."},
+            ],
+            "max_tokens": 8,
+            "stream": True,
+        }
+        with httpx.stream("POST", f"{server.url}/openai/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            r.read()
+        time.sleep(0.2)  # the batch thread stores the cache right after the last event
+    assert hits() >= before + 1

@@ -104,6 +104,21 @@ def column_major_weights(model: Any) -> int:
     return changed
 
 
+def _compact(cache: list[Any]) -> list[Any]:
+    """The cache holding only its tokens: a trimmed or freshly grown `KVCache` keeps buffers
+    longer than its content (the generated tokens, growth in steps of 256), which a stored entry
+    would pin and the prefix cache's byte budget would count."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    for layer in cache:
+        if type(layer) is KVCache and layer.keys is not None:
+            keys, values = layer.keys_and_values()
+            layer.keys, layer.values = mx.contiguous(keys), mx.contiguous(values)
+            mx.eval(layer.keys, layer.values)
+    return cache
+
+
 class _StopMatcher:
     """Cuts the text at the first stop string, holding back what could be the start of one."""
 
@@ -509,7 +524,10 @@ class MLXEngine(Engine):
         if self.settings.prefix_cache_size:
             from mlx_lm.models.cache import LRUPromptCache
 
-            lane.prefixes = LRUPromptCache(max_size=self.settings.prefix_cache_size)
+            lane.prefixes = LRUPromptCache(
+                max_size=self.settings.prefix_cache_size,
+                max_bytes=self.settings.prefix_cache_max_mb << 20,
+            )
         gen: Any = None
         active: dict[int, _Seq] = {}
         while True:
@@ -526,8 +544,10 @@ class MLXEngine(Engine):
             try:
                 if gen is None:
                     gen = self._generator(stream)
-                with contextlib.suppress(Exception):  # an optimisation: never fails a request
+                try:
                     self._prime(lane, newcomers)
+                except Exception:  # an optimisation: never fails a request
+                    log.exception("processing a shared prompt prefix failed")
                 for seq in newcomers:
                     self._join(lane, gen, active, seq)
                 self._leave(lane, gen, active, [u for u, s in active.items() if self._gone(s)])
@@ -684,7 +704,11 @@ class MLXEngine(Engine):
             return None, 0
         from mlx_lm.models.cache import trim_prompt_cache
 
-        cache, rest = lane.prefixes.fetch_nearest_cache(self.model_id, prompt)
+        try:
+            cache, rest = lane.prefixes.fetch_nearest_cache(self.model_id, prompt)
+        except Exception:  # an optimisation: the prompt is processed in full instead
+            log.exception("prefix cache lookup failed")
+            return None, 0
         if cache is None:
             return None, 0
         if not rest:  # the whole prompt is stored: give the last token back to the generator
@@ -730,14 +754,21 @@ class MLXEngine(Engine):
                 chunk = prefix[start : start + self.settings.prefill_step_size]
                 self.model(mx.array([chunk]), cache=cache)
                 mx.eval([c.state for c in cache])
-            lane.prefixes.insert_cache(self.model_id, prefix, cache, cache_type="system")
+            lane.prefixes.insert_cache(self.model_id, prefix, _compact(cache), cache_type="system")
             lane.primed += 1
 
     def _remember(self, lane: _Lane, seq: _Seq, cache: Any, tokens: list[int] | None) -> None:
         """Store the KV cache of a finished sequence's prompt (what it generated trimmed off),
-        keyed by the prompt's tokens, for later prompts that start the same way."""
+        keyed by the prompt's tokens, for later prompts that start the same way. An
+        optimisation: a failure is logged, never raised into the batch thread."""
         if lane.prefixes is None or cache is None or tokens is None:
             return
+        try:
+            self._store(lane, seq, cache, tokens)
+        except Exception:
+            log.exception("storing a prompt cache failed")
+
+    def _store(self, lane: _Lane, seq: _Seq, cache: Any, tokens: list[int]) -> None:
         from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
         prompt = seq.prompt_ids
@@ -746,7 +777,7 @@ class MLXEngine(Engine):
         if not can_trim_prompt_cache(cache):
             return
         trim_prompt_cache(cache, len(tokens) - len(prompt))
-        lane.prefixes.insert_cache(self.model_id, list(prompt), cache, cache_type="user")
+        lane.prefixes.insert_cache(self.model_id, list(prompt), _compact(cache), cache_type="user")
 
     def _leave(self, lane: _Lane, gen: Any, active: dict[int, _Seq], uids: list[int]) -> None:
         if not uids:

@@ -129,6 +129,11 @@ class LLMSettings(BaseSettings):
     fraud-explanation template, a chat template) copies that prefix's cache and processes only
     the rest. `0` turns prefix caching off."""
 
+    prefix_cache_max_mb: int = Field(256, ge=1, le=1 << 20)
+    """Memory the stored prompt caches of one decode lane may take (MiB); least recently used
+    go first. A prompt's KV cache is 2 x layers x KV heads x head size x 4 bytes a token: 8 KiB
+    for the bench-size model, ~100 KiB for a 1-3B model."""
+
     prefix_cache_min_tokens: int = Field(8, ge=1)
     """Shortest shared prefix worth copying a cache for; shorter ones are processed afresh."""
 
