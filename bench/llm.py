@@ -1,19 +1,23 @@
 """Side-by-side LLM benchmark: `make bench-llm` (`python -m bench.llm`).
 
-Tiffin (`bentoml serve service:Tiffin`, its default 2 workers, continuous batching in each) and
-`mlx_lm.server` (mlx-lm's own OpenAI-compatible server: one process, its own continuous batching,
-default settings) are started on the same model directory on this machine, both up for the whole
-run, and driven alternately level by level with the same load: C concurrent clients (closed
-loop) each sending streamed OpenAI chat completions (`stream_options.include_usage`) until N
-requests are done.
+Tiffin (`bentoml serve service:Tiffin` with one worker by default, `--tiffin-workers`: one engine
+batches every stream, as mlx_lm.server's one process does) and `mlx_lm.server` (mlx-lm's own
+OpenAI-compatible server: one process, its own continuous batching and prompt cache, default
+settings) are started on the same model directory on this machine, both up for the whole run,
+and driven alternately level by level with the same load: C concurrent clients (closed loop)
+each sending streamed OpenAI chat completions (`stream_options.include_usage`) until N requests
+are done.
 
 Per system and level: aggregate completion tokens/s (all tokens / wall time of the level), time to
 first token p50/p99 (request sent → first content chunk), inter-token latency p99 (gaps between
 consecutive content chunks of a stream), failures (non-200, errors, or a stream without its
-usage). Then, in Tiffin only: constrained (`response_format` json_schema) vs unconstrained decoding
-at 8 streams, and the 12-schema test set sent concurrently with every answer validated.
+usage). Then, on the bench-size model: constrained (`response_format` json_schema) vs
+unconstrained decoding in Tiffin at 8 streams; the fraud-explanation prompt (one system prompt,
+different facts) on both servers; and, servers stopped, Tiffin's engine in process with its
+prefix cache off and on (TTFT). On the tiny model: the 12-schema test set sent concurrently with
+every answer validated.
 
-Models: the bench-size model (`python -m models.tiny_llm --bench`, 13M parameters, random
+Models: the bench-size model (`python -m models.tiny_llm --bench`, 23M parameters, random
 weights: compute dominates a decode step) and the default tiny model (where the zero-failure
 target at 64 streams is set). Results: a Markdown table on stdout and in bench/results/llm-*.md.
 """
@@ -38,8 +42,15 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 LEVELS = (1, 8, 32, 64)
+BENCH_LEVELS = (1, 8, 32)  # the bench-size model: 64 streams there would double the run's time
 TARGET_LEVELS = (8, 32)  # where the issue sets the tokens/s target against mlx_lm.server
 PROMPT = "Summarise the risk of card {i} paying a new merchant abroad late at night."
+# The shared-prefix workload: the fraud-explanation prompt (tiffin.llm.explain: one system prompt,
+# then the facts of one transaction), as /score/fraud sends it.
+FACTS = (
+    "Transaction and model output:\n- card_id: card_{i:04d}\n- transaction_amount: {a}\n"
+    "- fraud_score: 0.{s:02d}"
+)
 
 
 @dataclass
@@ -123,13 +134,15 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: floa
     raise SystemExit(f"{url} not ready after {timeout}s; see {log}")
 
 
-def start_tiffin(model_tag: str, port: int, log: Path) -> Server:
+def start_tiffin(model_tag: str, port: int, log: Path, workers: int) -> Server:
     env = {
         **os.environ,
+        "TIFFIN_WORKERS": str(workers),
         "TIFFIN_LLM_MODEL_NAME": model_tag,
         "TIFFIN_ENVIRONMENT": "development",
         "JWT_SECRET_KEY": os.environ.get("JWT_SECRET_KEY", "bench-llm-" + "x" * 32),
         "TIFFIN_LLM_MAX_PROMPT_CHARS": "8000",
+        "PYTHONPATH": str(REPO),  # this tree's tiffin, whatever the venv's editable install says
     }
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -214,6 +227,7 @@ async def run_level(
     max_tokens: int,
     mode: str = "text",
     schema: dict[str, Any] | None = None,
+    shared_prefix: bool = False,
 ) -> Level:
     level = Level(server.name, model, concurrency, mode)
     counter = iter(range(requests))
@@ -221,7 +235,7 @@ async def run_level(
     async def client_loop(client: httpx.AsyncClient) -> None:
         for i in counter:
             body: dict[str, Any] = {
-                "messages": [{"role": "user", "content": PROMPT.format(i=i)}],
+                "messages": fraud_messages(i) if shared_prefix else [user(PROMPT.format(i=i))],
                 "max_tokens": max_tokens,
                 "temperature": 0.7,
                 "stream": True,
@@ -241,6 +255,64 @@ async def run_level(
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
         level.wall_s = time.monotonic() - started
     return level
+
+
+def user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def fraud_messages(i: int) -> list[dict[str, str]]:
+    from tiffin.llm.explain import SYSTEM
+
+    facts = FACTS.format(i=i, a=round(20 + 7.3 * i, 2), s=(37 * i) % 100)
+    return [{"role": "system", "content": SYSTEM}, user(facts)]
+
+
+def prefix_cache_ab(tag: str, name: str, rounds: int = 2) -> tuple[list[Level], dict[str, Any]]:
+    """The shared-prefix workload (8 streams, 16 requests, 32 tokens each) in process, Tiffin's
+    engine with its prefix cache off and on, alternating (ABBA): TTFT and tokens/s."""
+    from tiffin.llm.engine import Delta, Finished, Prompt
+    from tiffin.llm.runtime import LLM
+    from tiffin.llm.settings import LLMSettings
+
+    pooled: dict[int, Level] = {}
+    engines = {
+        size: LLM.from_settings(LLMSettings(model_name=tag, prefix_cache_size=size))
+        for size in (0, 64)
+    }
+    for r in range(rounds):
+        for size in (0, 64) if r % 2 == 0 else (64, 0):
+            llm = engines[size]
+            mode = "prefix cache " + ("on" if size else "off")
+            level = pooled.setdefault(size, Level("tiffin (in process)", name, 8, mode))
+            counter = iter(range(16 * r, 16 * (r + 1)))
+
+            async def client(llm: LLM = llm, level: Level = level, it: Any = counter) -> None:
+                for i in it:
+                    prompt = Prompt(messages=tuple(fraud_messages(i)))
+                    sent = time.monotonic()
+                    last: float | None = None
+                    async for event in llm.stream(prompt, llm.params(32, 0.7)):
+                        now = time.monotonic()
+                        if isinstance(event, Delta) and event.text:
+                            if last is None:
+                                level.ttft_s.append(now - sent)
+                            else:
+                                level.gaps_s.append(now - last)
+                            last = now
+                        elif isinstance(event, Finished):
+                            level.tokens += event.completion_tokens
+                    level.requests += 1
+
+            async def run(llm: LLM = llm, level: Level = level) -> None:
+                started = time.monotonic()
+                await asyncio.gather(*(client() for _ in range(8)))
+                level.wall_s += time.monotonic() - started
+
+            asyncio.run(run())
+    on = engines[64].engine
+    assert on is not None
+    return [pooled[0], pooled[64]], on.status()["prefix_cache"]
 
 
 async def schema_set(server: Server, model: str) -> tuple[int, int, list[str]]:
@@ -304,13 +376,13 @@ def ratios(rows: list[Level], per_round: dict[tuple[str, int, str], list[float]]
         other = by_key.get((r.model, r.concurrency, "mlx_lm.server", r.mode))
         if r.system == "tiffin" and other is not None and other.tokens_per_s:
             line = (
-                f"{r.model} at {r.concurrency} streams: Tiffin {r.tokens_per_s:.0f} vs "
+                f"{r.model} at {r.concurrency} streams ({r.mode}): Tiffin {r.tokens_per_s:.0f} vs "
                 f"mlx_lm.server {other.tokens_per_s:.0f} tokens/s = "
                 f"{r.tokens_per_s / other.tokens_per_s:.2f}x"
             )
             mine = per_round.get((r.model, r.concurrency, "tiffin"), [])
             theirs = per_round.get((r.model, r.concurrency, "mlx_lm.server"), [])
-            if len(mine) > 1 and len(mine) == len(theirs):
+            if r.mode == "text" and len(mine) > 1 and len(mine) == len(theirs):
                 each = [a / b for a, b in zip(mine, theirs, strict=True) if b]
                 line += (
                     f" (per round: {', '.join(f'{x:.2f}x' for x in each)}; median "
@@ -330,15 +402,23 @@ def requests_for(concurrency: int, bench_model: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--levels", default=",".join(map(str, LEVELS)))
+    parser.add_argument("--levels", default=",".join(map(str, LEVELS)), help="tiny model")
+    parser.add_argument("--bench-levels", default=",".join(map(str, BENCH_LEVELS)))
+    parser.add_argument(
+        "--tiffin-workers",
+        type=int,
+        default=1,
+        help="Tiffin's worker processes (TIFFIN_WORKERS): one, like mlx_lm.server's one process, "
+        "so that one engine batches every stream; a decode step is compute-bound, and two engines "
+        "each with half the batch compete for the same cores",
+    )
     parser.add_argument("--models", default="bench,tiny", help="bench, tiny or both")
     parser.add_argument("--bench-max-tokens", type=int, default=64)
     parser.add_argument("--tiny-max-tokens", type=int, default=128)
     parser.add_argument(
-        "--rounds", type=int, default=3, help="alternating rounds at the target levels (8, 32)"
+        "--rounds", type=int, default=2, help="alternating rounds at the target levels (8, 32)"
     )
     args = parser.parse_args(argv)
-    levels = [int(x) for x in args.levels.split(",")]
 
     import bentoml
 
@@ -356,8 +436,11 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = str(bentoml.models.get(tag).path)
         name = tag.split(":")[0]
         max_tokens = args.bench_max_tokens if bench_model else args.tiny_max_tokens
+        levels = [int(x) for x in (args.bench_levels if bench_model else args.levels).split(",")]
         print(f"== {tag} ({model_dir}), max_tokens {max_tokens}", flush=True)
-        tiffin = start_tiffin(tag, free_port(), RESULTS / "logs" / f"llm-tiffin-{which}.log")
+        tiffin = start_tiffin(
+            tag, free_port(), RESULTS / "logs" / f"llm-tiffin-{which}.log", args.tiffin_workers
+        )
         try:
             mlx = start_mlx_lm_server(
                 model_dir, free_port(), RESULTS / "logs" / f"llm-mlx-lm-server-{which}.log"
@@ -400,6 +483,13 @@ def main(argv: list[str] | None = None) -> int:
                 for level in pooled.values():
                     rows.append(level)
                     print(level.row(), flush=True)
+                # The shared-prefix workload over HTTP, both systems (each with its prefix cache).
+                for server in (tiffin, mlx):
+                    part = asyncio.run(
+                        run_level(server, name, 8, 16, 32, "fraud prompt", shared_prefix=True)
+                    )
+                    rows.append(part)
+                    print(part.row(), flush=True)
                 text_tps = pooled["text"].tokens_per_s
                 json_tps = pooled["json_schema"].tokens_per_s
                 notes.append(
@@ -419,6 +509,19 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             mlx.stop()
             tiffin.stop()
+        if bench_model:  # servers down: the box is Tiffin's engine's alone for the A/B
+            levels_ab, stats = prefix_cache_ab(tag, name)
+            for level in levels_ab:
+                rows.append(level)
+                print(level.row(), flush=True)
+            off, on = levels_ab
+            notes.append(
+                f"Prefix cache, {name}, fraud prompt, 8 streams in process: TTFT p50 "
+                f"{1000 * statistics.median(on.ttft_s):.0f} ms on vs "
+                f"{1000 * statistics.median(off.ttft_s):.0f} ms off, tokens/s "
+                f"{on.tokens_per_s:.0f} vs {off.tokens_per_s:.0f} ({stats})"
+            )
+            print(notes[-1], flush=True)
     notes = ratios(rows, per_round) + notes
     table = "\n".join([HEADER, *(r.row() for r in rows)])
     errors = sorted({e for r in rows for e in r.errors[:3]})

@@ -272,3 +272,115 @@ def test_structured_and_text_in_one_batch_stream_per_sequence(llm: LLM) -> None:
         if i % 2 == 0:
             target.validate(text)
         assert finished.completion_tokens >= 1
+
+
+def test_prefix_cache_reuses_a_shared_system_prompt_and_changes_no_output() -> None:
+    """Fraud-explanation prompts (one system prompt, different facts), greedy: with the prefix
+    cache on, later requests take the system prompt's KV cache from an earlier one (hits and
+    cached prompt tokens in the engine's status and metric) and every text equals the one the
+    engine without the cache writes; a structured request on a cached prefix still validates."""
+    from tiffin.llm.explain import TARGET, fraud_prompt
+    from tiffin.llm.metrics import llm_metrics
+
+    prompts = [
+        fraud_prompt({"card_id": f"card_{i}", "transaction_amount": 10.5 * i, "fraud_score": 0.9})
+        for i in range(1, 7)
+    ]
+
+    def run(llm: LLM) -> list[str]:
+        async def go() -> list[str]:
+            first = [(await llm.generate(p, llm.params(24, temperature=0.0)))[0] for p in prompts]
+            rest = await asyncio.gather(
+                *(llm.generate(p, llm.params(24, temperature=0.0)) for p in prompts)
+            )
+            return first + [text for text, _ in rest]
+
+        return asyncio.run(go())
+
+    def counted() -> float:
+        return llm_metrics().prefix_cached_tokens.labels(tiny_llm.NAME)._value.get()
+
+    before = counted()
+    cached = build(prefix_cache_size=16)
+    assert run(cached) == run(build(prefix_cache_size=0))
+    stats = engine_status(cached)["prefix_cache"]
+    system_tokens = cached.engine.prompt_tokens(  # type: ignore[union-attr]
+        Prompt(messages=(prompts[0].messages or ())[:1])
+    )
+    assert stats["enabled"] and stats["hits"] >= len(prompts) * 2 - 1, stats
+    assert stats["cached_prompt_tokens"] >= stats["hits"] * (system_tokens or 1) - 8, stats
+    assert counted() - before == stats["cached_prompt_tokens"]
+
+    async def structured() -> Any:
+        params = cached.params(200, temperature=1.0, seed=3, structured=True)
+        return (await cached.structured(prompts[0], params, TARGET)).value
+
+    TARGET.validate_value(asyncio.run(structured()))
+    assert engine_status(cached)["prefix_cache"]["hits"] > stats["hits"]
+
+
+def test_column_major_weights_keep_the_model_s_outputs() -> None:
+    """`cpu_column_major_weights` changes how the weights are stored, not what they are: the
+    logits of the tiny model agree with the stored layout's."""
+    import bentoml
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from tiffin.llm.mlx_engine import column_major_weights
+
+    path = str(bentoml.models.get(tiny_llm.ensure()).path)
+    stored, _ = load(path)[:2]
+    changed, _ = load(path)[:2]
+    assert column_major_weights(changed) > 0
+    tokens = mx.array([[1, 5, 9, 200, 17, 33, 4, 8]])
+    assert mx.allclose(stored(tokens), changed(tokens), atol=1e-4).item()
+
+
+def test_a_burst_sharing_a_system_prompt_processes_it_once() -> None:
+    """Eight fraud-explanation prompts at once on a fresh engine: their shared prefix is
+    processed once and every one of them copies it (nothing was stored before the burst), and
+    the texts equal those of the engine without a prefix cache."""
+    from tiffin.llm.explain import fraud_prompt
+
+    prompts = [fraud_prompt({"card_id": f"card_{i}", "fraud_score": 0.5}) for i in range(8)]
+
+    def burst(llm: LLM) -> list[str]:
+        async def go() -> list[tuple[str, Finished]]:
+            params = llm.params(16, temperature=0.0)
+            return await asyncio.gather(*(llm.generate(p, params) for p in prompts))
+
+        return [text for text, _ in asyncio.run(go())]
+
+    cached = build(prefix_cache_size=16, max_concurrency=8)
+    assert burst(cached) == burst(build(prefix_cache_size=0))
+    stats = engine_status(cached)["prefix_cache"]
+    assert stats["primed_prefixes"] >= 1, stats
+    assert stats["hits"] >= len(prompts) - 1, stats
+
+
+def test_over_http_a_finished_request_s_prompt_serves_the_next(server: Server) -> None:
+    """Two chat completions one after the other with one system prompt, over HTTP: the second
+    copies the first's prompt cache (the client has its whole answer, and has closed the stream,
+    by the time the engine stores it)."""
+    from tiffin.llm.explain import SYSTEM
+
+    def hits() -> int:
+        status = httpx.get(f"{server.url}/llm/status", timeout=10).json()
+        return int(status["prefix_cache"]["hits"])
+
+    before = hits()
+    for i in range(2):
+        body = {
+            "model": tiny_llm.NAME,
+            "messages": [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": f"Card {i} paid twice abroad."},
+            ],
+            "max_tokens": 8,
+            "stream": True,
+        }
+        with httpx.stream("POST", f"{server.url}/openai/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            r.read()
+        time.sleep(0.2)  # the batch thread stores the cache right after the last event
+    assert hits() >= before + 1

@@ -29,6 +29,7 @@ class LLMMetrics:
     in_flight: Gauge
     structured_failures: Counter
     guard_events: Counter
+    prefix_cached_tokens: Counter
     breaker_state: Gauge
 
 
@@ -91,6 +92,11 @@ def llm_metrics() -> LLMMetrics:
             "llm_guard_events_total",
             "Guard decisions: prompt-injection rule matches (blocked/flagged), sanitized outputs",
             ["rule", "action"],
+        ),
+        prefix_cached_tokens=Counter(
+            "llm_prefix_cached_tokens_total",
+            "Prompt tokens taken from the in-process engine's prefix cache instead of processed",
+            ["model"],
         ),
         breaker_state=Gauge(
             "ml_inference_circuit_breaker_state",

@@ -123,11 +123,31 @@ class LLMSettings(BaseSettings):
     smaller keeps inter-token latency of running streams low while long prompts arrive, larger
     gets newcomers to their first token sooner."""
 
+    prefix_cache_size: int = Field(64, ge=0, le=4096)
+    """Prompts whose KV caches each decode lane keeps (least recently used dropped first): a
+    newcomer whose prompt starts with a stored prompt's tokens (a system prompt, the
+    fraud-explanation template, a chat template) copies that prefix's cache and processes only
+    the rest. `0` turns prefix caching off."""
+
+    prefix_cache_max_mb: int = Field(256, ge=1, le=1 << 20)
+    """Memory the stored prompt caches of one decode lane may take (MiB); least recently used
+    go first. A prompt's KV cache is 2 x layers x KV heads x head size x 4 bytes a token: 8 KiB
+    for the bench-size model, ~100 KiB for a 1-3B model."""
+
+    prefix_cache_min_tokens: int = Field(8, ge=1)
+    """Shortest shared prefix worth copying a cache for; shorter ones are processed afresh."""
+
     queue_timeout_s: float = Field(30.0, gt=0, le=600)
     """Longest wait in the queue before a request gets a 503 instead of a generation."""
 
     request_timeout_s: float = Field(120.0, gt=0, le=3600)
     """Deadline of one LLM call end to end (queue + generation, or all remote attempts)."""
+
+    cpu_column_major_weights: bool = True
+    """On MLX's CPU backend, store each float32 dense layer's weight column-major at load (same
+    values, same results up to summation order): the bundled reference BLAS then runs its
+    vectorizable loop for `x @ W.T`, 1.3-1.4x faster matmuls (docs/benchmarks.md). No effect on
+    Metal, whose kernels take either layout."""
 
     # --- limits ----------------------------------------------------------------------------
 
