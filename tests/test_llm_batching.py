@@ -297,8 +297,13 @@ def test_prefix_cache_reuses_a_shared_system_prompt_and_changes_no_output() -> N
 
         return asyncio.run(go())
 
+    import bentoml
+
+    version = bentoml.models.get(f"{tiny_llm.NAME}:latest").tag.version
+
     def counted() -> float:
-        return llm_metrics().prefix_cached_tokens.labels(tiny_llm.NAME)._value.get()
+        counter = llm_metrics().prefix_cached_tokens.labels(tiny_llm.NAME, version)
+        return counter._value.get()
 
     before = counted()
     cached = build(prefix_cache_size=16)

@@ -332,7 +332,7 @@ def test_remote_json_mode_re_asks_then_fails_cleanly_when_the_model_cannot_follo
         structured_max_reasks=1,
     )
     remote = LLM.from_settings(settings)
-    labels = {"model": MODEL, "engine": "remote", "stage": "attempt"}
+    labels = {"model": MODEL, "version": "remote", "engine": "remote", "stage": "attempt"}
     before = REGISTRY.get_sample_value("llm_structured_output_failures_total", labels) or 0
     prompt = Prompt(messages=({"role": "user", "content": "Summarize."},))
     with pytest.raises(LLMError) as info:

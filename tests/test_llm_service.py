@@ -227,7 +227,13 @@ def test_openai_and_instructor_clients_against_the_service(llm_service: Served) 
 def test_metrics_by_model(llm_service: Served) -> None:
     llm_service.post("/generate", {"prompt": "The card", "max_tokens": 12})
     text = llm_service.get("/metrics").text
-    model = 'model="tiffin-tiny-llm"'
+    import bentoml
+
+    from models import tiny_llm
+
+    version = bentoml.models.get(f"{tiny_llm.NAME}:latest").tag.version
+    # every LLM metric names the model and the store version that answered
+    model = f'model="tiffin-tiny-llm",version="{version}"'
     for name in (
         "llm_tokens_total",
         "llm_generation_tokens_per_second_bucket",

@@ -137,6 +137,8 @@ class BackendFailure(LLMUnavailable):
 class Engine(ABC):
     kind: ClassVar[str]
     model_id: str
+    model_version: str
+    """The served weights' version (the model store tag's), labelling every LLM metric."""
 
     @abstractmethod
     def stream(

@@ -65,7 +65,9 @@ def fraud_prompt(context: Mapping[str, Any]) -> Prompt:
 
 
 def _fallback(llm: LLM, reason: str) -> None:
-    llm_metrics().requests.labels(llm.model_id, llm.engine_kind, "explain_fraud", reason).inc()
+    llm_metrics().requests.labels(
+        llm.model_id, llm.model_version, llm.engine_kind, "explain_fraud", reason
+    ).inc()
 
 
 async def explain_fraud(

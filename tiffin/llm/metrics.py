@@ -1,4 +1,4 @@
-"""Prometheus metrics of the LLM runner, labelled by model (and engine).
+"""Prometheus metrics of the LLM runner, labelled by model, version (and engine).
 
 Created lazily, like `tiffin.metrics`: BentoML sets PROMETHEUS_MULTIPROC_DIR in each worker after
 importing the service module. Gauges say how workers combine (`livesum` for queue depth,
@@ -39,54 +39,54 @@ def llm_metrics() -> LLMMetrics:
         requests=Counter(
             "llm_requests_total",
             "LLM requests by model, engine, endpoint and outcome",
-            ["model", "engine", "endpoint", "status"],
+            ["model", "version", "engine", "endpoint", "status"],
         ),
         duration=Histogram(
             "llm_request_duration_seconds",
             "LLM request latency end to end (queue + prompt + generation)",
-            ["model", "engine", "endpoint"],
+            ["model", "version", "engine", "endpoint"],
             buckets=DURATION_BUCKETS,
         ),
         tokens=Counter(
             "llm_tokens_total",
             "Tokens processed, kind=prompt|completion (rate() of completion is tokens/s)",
-            ["model", "engine", "kind"],
+            ["model", "version", "engine", "kind"],
         ),
         tokens_per_second=Histogram(
             "llm_generation_tokens_per_second",
             "Per-request decode speed: completion tokens after the first / time after the first",
-            ["model", "engine"],
+            ["model", "version", "engine"],
             buckets=TPS_BUCKETS,
         ),
         time_to_first_token=Histogram(
             "llm_time_to_first_token_seconds",
             "Request arrival to first generated token (includes queueing and prompt processing)",
-            ["model", "engine"],
+            ["model", "version", "engine"],
             buckets=TTFT_BUCKETS,
         ),
         queue_depth=Gauge(
             "llm_queue_depth",
             "Requests waiting for the in-process engine",
-            ["model"],
+            ["model", "version"],
             multiprocess_mode="livesum",
         ),
         queue_wait=Histogram(
             "llm_queue_wait_seconds",
             "Time a request waited in the in-process engine's queue before joining the batch",
-            ["model", "engine"],
+            ["model", "version", "engine"],
             buckets=TTFT_BUCKETS,
         ),
         in_flight=Gauge(
             "llm_generations_in_flight",
             "Sequences in the in-process engine's running batch (the batch size)",
-            ["model"],
+            ["model", "version"],
             multiprocess_mode="livesum",
         ),
         structured_failures=Counter(
             "llm_structured_output_failures_total",
             "Structured outputs that failed validation, stage=attempt (retried or re-asked) "
             "or final (the request failed)",
-            ["model", "engine", "stage"],
+            ["model", "version", "engine", "stage"],
         ),
         guard_events=Counter(
             "llm_guard_events_total",
@@ -96,7 +96,7 @@ def llm_metrics() -> LLMMetrics:
         prefix_cached_tokens=Counter(
             "llm_prefix_cached_tokens_total",
             "Prompt tokens taken from the in-process engine's prefix cache instead of processed",
-            ["model"],
+            ["model", "version"],
         ),
         breaker_state=Gauge(
             "ml_inference_circuit_breaker_state",

@@ -80,6 +80,15 @@ def resolve_source(settings: LLMSettings) -> str:
         ) from exc
 
 
+def source_version(settings: LLMSettings, source: str) -> str:
+    """The version that labels the engine's metrics: the store tag's version for a model from
+    the BentoML store (its directory is `<store>/models/<name>/<version>`), else `local` for a
+    directory of one's own and `hub` for a hub id."""
+    if settings.model_path:
+        return "local" if Path(source).exists() else "hub"
+    return Path(source).name
+
+
 def column_major_weights(model: Any) -> int:
     """Store every dense projection's weight column-major (its transpose, row-contiguous, seen
     through a transposed view): same shape, same values, returns how many were changed.
@@ -250,6 +259,7 @@ class MLXEngine(Engine):
         self.settings = settings
         self.source = source
         self.model_id = model_id or settings.model_name.split(":")[0]
+        self.model_version = source_version(settings, source)
         self.model: Any = None
         self.tokenizer: Any = None
         self.table: TokenTable | None = None
@@ -438,8 +448,8 @@ class MLXEngine(Engine):
 
     def _publish(self) -> None:
         m = llm_metrics()
-        m.queue_depth.labels(self.model_id).set(len(self._queue))
-        m.in_flight.labels(self.model_id).set(self._running)
+        m.queue_depth.labels(self.model_id, self.model_version).set(len(self._queue))
+        m.in_flight.labels(self.model_id, self.model_version).set(self._running)
 
     # --- the event-loop side ----------------------------------------------------------------
 
@@ -677,7 +687,9 @@ class MLXEngine(Engine):
             return
         assert self.table is not None
         seq.admitted_at = now
-        llm_metrics().queue_wait.labels(self.model_id, self.kind).observe(now - seq.arrived)
+        llm_metrics().queue_wait.labels(self.model_id, self.model_version, self.kind).observe(
+            now - seq.arrived
+        )
         params = seq.params
         processors: list[Callable[[Any, Any], Any]] = []
         if seq.compiled is not None:
@@ -719,7 +731,7 @@ class MLXEngine(Engine):
             return None, 0
         lane.prefix_hits += 1
         lane.prefix_tokens += cached
-        llm_metrics().prefix_cached_tokens.labels(self.model_id).inc(cached)
+        llm_metrics().prefix_cached_tokens.labels(self.model_id, self.model_version).inc(cached)
         return cache, cached
 
     def _prime(self, lane: _Lane, newcomers: list[_Seq]) -> None:
@@ -921,7 +933,9 @@ class MLXEngine(Engine):
                 value = target.validate(text)
             except OutputInvalid as exc:
                 last_error = str(exc)
-                llm_metrics().structured_failures.labels(self.model_id, self.kind, "attempt").inc()
+                llm_metrics().structured_failures.labels(
+                    self.model_id, self.model_version, self.kind, "attempt"
+                ).inc()
                 log.warning("constrained output failed validation (%s): %r", exc, text[:200])
                 continue
             return StructuredResult(value, text, attempt, finished)

@@ -100,6 +100,7 @@ class RemoteEngine(Engine):
         self.settings = settings
         self.base_url = settings.remote_base_url.rstrip("/")
         self.model_id = settings.remote_model or settings.model_name
+        self.model_version = "remote"  # the backend's weights: not known here
         self.client = client or openai.AsyncOpenAI(
             base_url=self.base_url,
             api_key=settings.remote_api_key.get_secret_value(),
@@ -202,7 +203,9 @@ class RemoteEngine(Engine):
 
         def on_parse_error(error: Exception, *args: Any, **kwargs: Any) -> None:
             parse_errors.append(str(error)[:200])
-            llm_metrics().structured_failures.labels(self.model_id, self.kind, "attempt").inc()
+            llm_metrics().structured_failures.labels(
+                self.model_id, self.model_version, self.kind, "attempt"
+            ).inc()
 
         client.on("parse:error", on_parse_error)
         model = target.model or raw_schema_model(target)
@@ -227,7 +230,9 @@ class RemoteEngine(Engine):
             cause = exc.__cause__
             if isinstance(cause, openai.OpenAIError | TimeoutError):
                 raise classify(cause, self.base_url) from exc
-            llm_metrics().structured_failures.labels(self.model_id, self.kind, "final").inc()
+            llm_metrics().structured_failures.labels(
+                self.model_id, self.model_version, self.kind, "final"
+            ).inc()
             raise StructuredOutputFailed(
                 f"the backend's output did not validate after {reasks} re-asks: "
                 f"{str(exc).splitlines()[0][:300]}",

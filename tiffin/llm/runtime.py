@@ -86,9 +86,9 @@ class LLM:
         self._publish_breaker()
         m = llm_metrics()
         for stage in ("attempt", "final"):
-            m.structured_failures.labels(self.model_id, self.engine_kind, stage)
+            m.structured_failures.labels(self.model_id, self.model_version, self.engine_kind, stage)
         for kind in ("prompt", "completion"):
-            m.tokens.labels(self.model_id, self.engine_kind, kind)
+            m.tokens.labels(self.model_id, self.model_version, self.engine_kind, kind)
 
     @classmethod
     def from_settings(cls, settings: LLMSettings | None = None) -> LLM:
@@ -119,6 +119,10 @@ class LLM:
         if self.engine is not None:
             return self.engine.model_id
         return self.settings.remote_model or self.settings.model_name.split(":")[0]
+
+    @property
+    def model_version(self) -> str:
+        return self.engine.model_version if self.engine is not None else "none"
 
     @property
     def engine_kind(self) -> str:
@@ -310,21 +314,25 @@ class LLM:
 
     def _observe(self, finished: Finished, endpoint: str) -> None:
         m = llm_metrics()
-        model, engine = self.model_id, self.engine_kind
+        model, version, engine = self.model_id, self.model_version, self.engine_kind
         if finished.prompt_tokens:
-            m.tokens.labels(model, engine, "prompt").inc(finished.prompt_tokens)
+            m.tokens.labels(model, version, engine, "prompt").inc(finished.prompt_tokens)
         if finished.completion_tokens:
-            m.tokens.labels(model, engine, "completion").inc(finished.completion_tokens)
+            m.tokens.labels(model, version, engine, "completion").inc(finished.completion_tokens)
         if finished.time_to_first_token_s is not None:
-            m.time_to_first_token.labels(model, engine).observe(finished.time_to_first_token_s)
+            m.time_to_first_token.labels(model, version, engine).observe(
+                finished.time_to_first_token_s
+            )
         tps = finished.tokens_per_second
         if tps is not None:
-            m.tokens_per_second.labels(model, engine).observe(tps)
+            m.tokens_per_second.labels(model, version, engine).observe(tps)
 
     def _count(self, endpoint: str, status: str, started: float) -> None:
         m = llm_metrics()
-        m.requests.labels(self.model_id, self.engine_kind, endpoint, status).inc()
-        m.duration.labels(self.model_id, self.engine_kind, endpoint).observe(
+        m.requests.labels(
+            self.model_id, self.model_version, self.engine_kind, endpoint, status
+        ).inc()
+        m.duration.labels(self.model_id, self.model_version, self.engine_kind, endpoint).observe(
             time.monotonic() - started
         )
 
@@ -408,7 +416,7 @@ class LLM:
                             target.validate("".join(parts))
                         except OutputInvalid as exc:
                             llm_metrics().structured_failures.labels(
-                                self.model_id, self.engine_kind, "final"
+                                self.model_id, self.model_version, self.engine_kind, "final"
                             ).inc()
                             log.error("streamed structured output did not validate: %s", exc)
                             status = "invalid_output"
@@ -485,7 +493,7 @@ class LLM:
             status = self._status_of(exc)
             if isinstance(exc, StructuredOutputFailed):
                 llm_metrics().structured_failures.labels(
-                    self.model_id, self.engine_kind, "final"
+                    self.model_id, self.model_version, self.engine_kind, "final"
                 ).inc()
             raise
         finally:
