@@ -114,17 +114,28 @@ def _close(protocol: Any, answer: bool, timeout_s: float) -> None:
     transport.close()
 
 
-class H11WithHeaderDeadline(H11Protocol):
-    """uvicorn's h11 protocol with a header deadline. Headers are complete once h11 leaves its
-    IDLE state for the peer (it has parsed a whole request head)."""
+class _HeaderDeadline:
+    """What both protocols add: since when the current request head (or, on a new connection,
+    the first one) has been awaited, and whether any of its bytes came. `HeaderDeadlines` reads
+    `head_since` and calls `head_timed_out`; each protocol sets and clears the two from its own
+    parser's events."""
 
     head_since: float | None = None
     head_begun = False
+    loop: asyncio.AbstractEventLoop
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]  # the protocol's, after us
         self.head_since = self.loop.time()
         HeaderDeadlines.of(self).watch()
+
+    def head_timed_out(self, timeout_s: float) -> None:
+        _close(self, self.head_begun, timeout_s)
+
+
+class H11WithHeaderDeadline(_HeaderDeadline, H11Protocol):
+    """uvicorn's h11 protocol with a header deadline. Headers are complete once h11 leaves its
+    IDLE state for the peer (it has parsed a whole request head)."""
 
     def data_received(self, data: bytes) -> None:
         if self.conn.their_state is h11.IDLE and not self.head_begun:
@@ -133,22 +144,11 @@ class H11WithHeaderDeadline(H11Protocol):
         if self.conn.their_state is not h11.IDLE:
             self.head_since, self.head_begun = None, False
 
-    def head_timed_out(self, timeout_s: float) -> None:
-        _close(self, self.head_begun, timeout_s)
 
-
-class HttpToolsWithHeaderDeadline(HttpToolsProtocol):
+class HttpToolsWithHeaderDeadline(_HeaderDeadline, HttpToolsProtocol):
     """uvicorn's httptools protocol (what "auto" picks: Tiffin depends on httptools) with a
     header deadline, from the parser's own callbacks: `on_message_begin` (a request's first
     byte) and `on_headers_complete`."""
-
-    head_since: float | None = None
-    head_begun = False
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self.head_since = self.loop.time()
-        HeaderDeadlines.of(self).watch()
 
     def on_message_begin(self) -> None:
         self.head_since, self.head_begun = self.loop.time(), True
@@ -157,9 +157,6 @@ class HttpToolsWithHeaderDeadline(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self.head_since, self.head_begun = None, False
         super().on_headers_complete()
-
-    def head_timed_out(self, timeout_s: float) -> None:
-        _close(self, self.head_begun, timeout_s)
 
 
 def install(settings: LimitsSettings) -> bool:
