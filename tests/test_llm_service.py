@@ -233,7 +233,11 @@ def test_metrics_by_model(llm_service: Served) -> None:
 
     version = bentoml.models.get(f"{tiny_llm.NAME}:latest").tag.version
     # every LLM metric names the model and the store version that answered
-    model = f'model="tiffin-tiny-llm",version="{version}"'
+    labels = ('model="tiffin-tiny-llm"', f'version="{version}"')
+
+    def labelled(line: str) -> bool:  # the exposition sorts labels by name
+        return all(label in line for label in labels)
+
     for name in (
         "llm_tokens_total",
         "llm_generation_tokens_per_second_bucket",
@@ -241,11 +245,11 @@ def test_metrics_by_model(llm_service: Served) -> None:
         "llm_queue_depth",
         "llm_requests_total",
     ):
-        assert any(line.startswith(name) and model in line for line in text.splitlines()), name
+        assert any(line.startswith(name) and labelled(line) for line in text.splitlines()), name
     failures = [
         line for line in text.splitlines() if line.startswith("llm_structured_output_failures")
     ]
-    assert any(model in line and 'stage="final"' in line for line in failures), failures
+    assert any(labelled(line) and 'stage="final"' in line for line in failures), failures
     assert 'ml_inference_circuit_breaker_state{backend="mlx"} 0.0' in text
 
 
