@@ -223,6 +223,15 @@ def client_feature_names(client, name: str) -> list[str]:
     return list(CARD_FRAUD_FEATURES)
 
 
+def test_seed_004_api_docs_page(tiffin: Served) -> None:
+    """Seed 004 lists its API docs at /docs: the interactive page, reading Tiffin's document."""
+    page = httpx.get(f"{tiffin.url}/docs", timeout=30)
+    assert page.status_code == 200, page.text[:300]
+    assert page.headers["content-type"].startswith("text/html")
+    document = httpx.get(f"{tiffin.url}/docs.json", timeout=30).json()
+    assert "/score/fraud" in document["paths"]
+
+
 def test_v1_models_predict_by_version(tiffin: Served) -> None:
     quantized = post(tiffin, "/v1/models/predict", seed.V1_PREDICT).json()
     assert quantized["model_version"] == "v2-quantized" and quantized["predictions"] == ["setosa"]

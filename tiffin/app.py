@@ -188,11 +188,27 @@ async def _read_body(receive: Any) -> bytes:
     return b"".join(chunks)
 
 
+class _ServedAt:
+    """An ASGI app answering at another path: seed 004's API docs at `/docs` are BentoML's
+    Swagger UI page, which BentoML serves at `/` (its assets' links are relative to `/`)."""
+
+    def __init__(self, app: ASGI, path: str) -> None:
+        self.app = app
+        self.path = path
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        moved = {**scope, "path": self.path, "raw_path": self.path.encode()}
+        await self.app(moved, receive, send)
+
+
 class TiffinApp:
     def __init__(self, worker: Worker, fallback: ASGI | None = None) -> None:
         self.worker = worker
         self.scoring = SCORING if worker.scoring is not None else {}
-        self.router = Router(self._routes(worker), default=fallback or _not_found)
+        routes = self._routes(worker)
+        if fallback is not None:
+            routes.append(Route("/docs", _ServedAt(fallback, "/"), methods=["GET"]))
+        self.router = Router(routes, default=fallback or _not_found)
         self._batch_slots: asyncio.Semaphore | None = None  # created on the worker's own loop
 
     def _routes(self, worker: Worker) -> list[BaseRoute]:
