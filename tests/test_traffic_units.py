@@ -196,6 +196,18 @@ def test_rs256_tokens_with_a_public_key() -> None:
         authorize(f"Bearer {hs}", "admin", settings)
 
 
+def test_an_inline_pem_key_is_never_looked_up_as_a_file(tmp_path) -> None:
+    """A PEM's base64 holds '/', so as a path it has components; one longer than 255 characters
+    made `Path.exists()` raise ENAMETOOLONG: a 500 on admin calls, for one random key in a few."""
+    long_run = "-----BEGIN PUBLIC KEY-----\n" + "A" * 300 + "/B\n-----END PUBLIC KEY-----\n"
+    assert AuthSettings(public_key=long_run).rs256_key() == long_run
+    key_file = tmp_path / "key.pem"
+    key_file.write_text(long_run)
+    assert AuthSettings(public_key=str(key_file)).rs256_key() == long_run
+    with pytest.raises(ValueError, match="neither a PEM public key nor"):
+        AuthSettings(public_key=str(tmp_path / "missing.pem"))
+
+
 def test_production_refuses_placeholder_secrets() -> None:
     for secret in (None, "your-secret-key", "short"):
         with pytest.raises(RuntimeError, match="JWT_SECRET_KEY"):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRETS = {"", "your-secret-key", "secret", "changeme", "change-me", "dev", "test"}
@@ -48,11 +48,22 @@ class AuthSettings(BaseSettings):
     leeway_s: float = Field(5.0, ge=0)
     """Clock skew tolerated on `exp`/`nbf`."""
 
+    @field_validator("public_key")
+    @classmethod
+    def _pem_or_file(cls, value: str | None) -> str | None:
+        if not value or value.lstrip().startswith("-----BEGIN") or Path(value).is_file():
+            return value
+        raise ValueError("neither a PEM public key nor the path of a readable file")
+
     def rs256_key(self) -> str | None:
         if not self.public_key:
             return None
-        candidate = Path(self.public_key)
-        return candidate.read_text() if candidate.exists() else self.public_key
+        if self.public_key.lstrip().startswith("-----BEGIN"):
+            # The key itself. Never stat() it as a path: its base64 holds '/', and a run of
+            # more than 255 characters between two of them is ENAMETOOLONG (a 500 on every
+            # admin call with a token, for one key in a few).
+            return self.public_key
+        return Path(self.public_key).read_text()
 
 
 class AuthError(Exception):
