@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.artifacts import broken_onnx
 from tests.conftest import RedisServer, Served, serve, stop
 from tiffin import model_store
 from tiffin.auth import mint
@@ -51,28 +52,6 @@ def post(
 def card_fraud_artifact(filename: str = "model.json") -> str:
     stored = model_store.get("card_fraud", "v1.0")
     return base64.b64encode(Path(stored.path, filename).read_bytes()).decode()
-
-
-def broken_onnx() -> str:
-    """Loads and warms up fine on zeros, returns NaN for every real transaction amount."""
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [
-            helper.make_node("Gather", ["input", "col"], ["amount"], axis=1),
-            helper.make_node("Sub", ["big", "amount"], ["shifted"]),
-            helper.make_node("Sqrt", ["shifted"], ["probabilities"]),
-        ],
-        "broken",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 16])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 1])],
-        [
-            helper.make_tensor("col", TensorProto.INT64, [1], [0]),
-            helper.make_tensor("big", TensorProto.FLOAT, [], [0.5]),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
-    return base64.b64encode(model.SerializeToString()).decode()
 
 
 def register(

@@ -16,8 +16,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.artifacts import broken_onnx
 from tests.conftest import RedisServer, Served, serve, stop
-from tests.test_lifecycle_e2e import broken_onnx, card_fraud_artifact
+from tests.test_lifecycle_e2e import card_fraud_artifact
 from tiffin.auth import mint
 from tiffin.featurize import CARD_FRAUD_FEATURES
 

@@ -13,7 +13,6 @@ Run with `make deploy-e2e` (after `make image`).
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -40,6 +39,7 @@ sys.path[:0] = [str(DEPLOY), str(ROOT)]
 import podman_pod  # noqa: E402
 
 from tests import seed_bodies  # noqa: E402
+from tests.artifacts import broken_onnx  # noqa: E402
 from tiffin.auth import mint  # noqa: E402
 from tiffin.featurize import CARD_FRAUD_FEATURES  # noqa: E402
 
@@ -305,29 +305,6 @@ def test_analysis_passes_for_a_healthy_canary(
     for metric in analysis_metrics():
         ok, value = judge(prometheus, metric)
         assert ok, f"{metric['name']} = {value} fails {metric['successCondition']}"
-
-
-def broken_onnx() -> str:
-    """Loads and warms up on zeros, returns NaN for every real transaction amount (the same
-    broken model tests/test_lifecycle_e2e.py uses)."""
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [
-            helper.make_node("Gather", ["input", "col"], ["amount"], axis=1),
-            helper.make_node("Sub", ["big", "amount"], ["shifted"]),
-            helper.make_node("Sqrt", ["shifted"], ["probabilities"]),
-        ],
-        "broken",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 16])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 1])],
-        [
-            helper.make_tensor("col", TensorProto.INT64, [1], [0]),
-            helper.make_tensor("big", TensorProto.FLOAT, [], [0.5]),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
-    return base64.b64encode(model.SerializeToString()).decode()
 
 
 def test_analysis_fails_for_a_broken_canary(canary: podman_pod.Pod, prometheus: Prometheus) -> None:
