@@ -309,8 +309,11 @@ class Families:
         self._others: dict[str, Family] = {}
         self._lock = threading.Lock()
 
+    def _known(self, name: str) -> Family | None:
+        return self.dedicated.get(name) or self._others.get(name)
+
     def get(self, name: str) -> Family:
-        found = self.dedicated.get(name) or self._others.get(name)
+        found = self._known(name)
         if found is not None:
             return found
         if self._generic is None:
@@ -324,7 +327,7 @@ class Families:
         """`get` for the request path: a family met for the first time may need a call to a
         remote runner (is it in the store?), made on a worker thread, so a client asking for
         names that do not exist stalls its own request, not the event loop."""
-        found = self.dedicated.get(name) or self._others.get(name)
+        found = self._known(name)
         if found is not None:
             return found
         return await asyncio.to_thread(self.get, name)

@@ -753,12 +753,11 @@ class Reply:
     headers: dict[str, str]
 
 
-FEATURE_HEADERS = (
-    "X-Tiffin-Feature-Source",
-    "X-Tiffin-Feature-Degraded",
-    "X-Tiffin-Feature-Defaults",
-    "X-Tiffin-Feature-Freshness-Sec",
-)
+# Where a single answer's features came from (the seed's body has no place for it).
+SOURCE_HEADER = "X-Tiffin-Feature-Source"
+DEGRADED_HEADER = "X-Tiffin-Feature-Degraded"
+DEFAULTS_HEADER = "X-Tiffin-Feature-Defaults"
+FRESHNESS_HEADER = "X-Tiffin-Feature-Freshness-Sec"
 
 
 def _reply(row: dict[str, Any], extras: Sequence[str]) -> Reply:
@@ -768,11 +767,11 @@ def _reply(row: dict[str, Any], extras: Sequence[str]) -> Reply:
     for key in extras:
         del row[key]
     headers = {
-        FEATURE_HEADERS[0]: report["source"],
-        FEATURE_HEADERS[1]: "true" if report["degraded"] else "false",
+        SOURCE_HEADER: report["source"],
+        DEGRADED_HEADER: "true" if report["degraded"] else "false",
     }
     if report["defaults_used"]:
-        headers[FEATURE_HEADERS[2]] = ",".join(report["defaults_used"])
+        headers[DEFAULTS_HEADER] = ",".join(report["defaults_used"])
     return Reply(row, headers)
 
 
@@ -815,7 +814,7 @@ class Scoring:
         freshness = row["feature_freshness_sec"]
         reply = _reply(row, ("user_id", "item_id", "feature_freshness_sec"))
         if freshness is not None:  # seed 001 shows no freshness in this body
-            reply.headers[FEATURE_HEADERS[3]] = str(freshness)
+            reply.headers[FRESHNESS_HEADER] = str(freshness)
         return reply
 
     async def batch(
